@@ -1,0 +1,37 @@
+# GTA5 -> Cityscapes at the paper's settings (SPEC sections 1, 3 and 7).
+{
+    "name": "gta2cs",
+    "seed": 0,
+    "num_classes": 19,
+    # "all": mIoU over the 19 classes; "synthia16": mIoU16 and mIoU13 over SYNTHIA's classes.
+    "eval_classes": "all",
+    "model": {
+        "depth": 101,
+        # OpenMMLab ImageNet ResNetV1c-101 (mmcv's open-mmlab://resnet101_v1c), a local file.
+        "pretrained": "pretrained/resnet101_v1c.pth",
+    },
+    # resize is mmseg's img_scale (w, h): the image is scaled to fit it, keeping its ratio.
+    "source": {"type": "gta5", "root": "data/gta5", "resize": [1280, 720]},
+    "target": {"type": "cityscapes", "root": "data/cityscapes", "resize": [1280, 640]},
+    "pipeline": {
+        "cat_max_ratio": 0.75,  # source crops only
+        "flip_prob": 0.5,
+        "mean": [123.675, 116.28, 103.53],
+        "std": [58.395, 57.12, 57.375],
+    },
+    # Rare Class Sampling over the source; class statistics are cached beside the data.
+    "rcs": {"enabled": True, "temperature": 0.01, "min_pixels": 3000, "min_crop_ratio": 0.5},
+    "batch": {"source": 2, "target": 2},
+    "stages": {
+        "1": {"crop_size": [512, 512], "iters": 80000},
+        "2": {"crop_size": [640, 640], "iters": 80000},
+    },
+    "evaluation": {
+        "mode": "whole",  # or "slide"
+        "scale": [1280, 640],  # inference scale (w, h); logits are upsampled to the label size
+        "slide_crop": [640, 640],  # (h, w)
+        "slide_stride": [426, 426],  # (h, w)
+        "interval": 4000,
+    },
+    "data_loader": {"workers": 4},
+}

@@ -1,0 +1,40 @@
+import numpy as np
+
+from confeti_fast.data import labels
+
+# SPEC 1, typed in from the table: labelId -> trainId and SYNTHIA id -> trainId.
+CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+              25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13,
+           19: 15, 12: 17, 11: 18}
+
+
+def test_cityscapes_and_gta5_table_for_every_id():
+    ids = np.arange(256, dtype=np.uint8)
+    got = labels.cityscapes_to_train_ids(ids)
+    for i in range(256):
+        assert got[i] == CITYSCAPES.get(i, 255), i
+
+
+def test_synthia_table_for_every_16bit_id():
+    ids = np.arange(65536, dtype=np.uint16)
+    got = labels.synthia_to_train_ids(ids)
+    expected = np.full(65536, 255)
+    for k, v in SYNTHIA.items():
+        expected[k] = v
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_synthia_class_sets():
+    assert labels.SYNTHIA_16_CLASSES == tuple(sorted(set(range(19)) - {9, 14, 16}))
+    assert labels.SYNTHIA_13_CLASSES == tuple(sorted(set(range(19)) - {9, 14, 16, 3, 4, 5}))
+
+
+def test_train_ids_back_to_label_ids():
+    train_ids = np.array(list(CITYSCAPES.values()) + [255], dtype=np.uint8)
+    np.testing.assert_array_equal(labels.train_ids_to_label_ids(train_ids), list(CITYSCAPES.keys()) + [0])
+
+
+def test_colorize_uses_cityscapes_palette():
+    rgb = labels.colorize(np.array([[0, 10, 255]], dtype=np.uint8))
+    np.testing.assert_array_equal(rgb[0], [(128, 64, 128), (70, 130, 180), (0, 0, 0)])
