@@ -3,8 +3,9 @@
     "_base_": "gta2cs",
     "name": "demo",
     "model": {"depth": 18, "pretrained": None},
-    "source": {"type": "gta5", "root": "data/demo/gta5", "resize": [320, 180]},
-    "target": {"type": "cityscapes", "root": "data/demo/cityscapes", "resize": [320, 160]},
+    # generate: the demo pair is written under data/demo on first use.
+    "source": {"type": "gta5", "root": "data/demo/gta5", "resize": [320, 180], "generate": "demo"},
+    "target": {"type": "cityscapes", "root": "data/demo/cityscapes", "resize": [320, 160], "generate": "demo"},
     # 3000 pixels at 1280x720 is about 200 at the demo's 320x180.
     "rcs": {"min_pixels": 200},
     "stages": {

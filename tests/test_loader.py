@@ -9,8 +9,8 @@ def tiny_config(tmp_path, rcs=True):
     make_gta5(tmp_path / "gta5", n=5, h=24, w=32)
     make_cityscapes(tmp_path / "cs", "train", h=24, w=32)
     return load_config("demo", {
-        "source": {"root": str(tmp_path / "gta5"), "resize": [32, 24]},
-        "target": {"root": str(tmp_path / "cs"), "resize": [32, 16]},
+        "source": {"root": str(tmp_path / "gta5"), "resize": [32, 24], "generate": None},
+        "target": {"root": str(tmp_path / "cs"), "resize": [32, 16], "generate": None},
         "rcs": {"enabled": rcs, "min_pixels": 20},
         "stages": {"1": {"crop_size": [16, 16], "iters": 6}},
     })

@@ -94,9 +94,15 @@ def cityscapes(root, split):
 def build_dataset(side_cfg, split="train"):
     """The dataset a config's `source` or `target` section describes, for `split`.
 
-    GTA5 and SYNTHIA have one split: their whole folder is the training set.
+    GTA5 and SYNTHIA have one split: their whole folder is the training set. A section with
+    `generate: "demo"` names the embedded demo pair, which is generated on first use into the
+    folder above its root.
     """
     kind, root = side_cfg["type"], side_cfg["root"]
+    if side_cfg.get("generate") == "demo":
+        from .demo import ensure_demo
+
+        ensure_demo(Path(root).parent)
     if kind == "cityscapes":
         return cityscapes(root, split)
     if split != "train":

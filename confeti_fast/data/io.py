@@ -24,7 +24,7 @@ def _open(path):
 
 def read_rgb(path):
     """An RGB image as an (H, W, 3) uint8 array."""
-    return np.asarray(_open(path).convert("RGB"))
+    return np.array(_open(path).convert("RGB"))
 
 
 def read_label_ids(path):
@@ -32,7 +32,7 @@ def read_label_ids(path):
     img = _open(path)
     if img.mode not in ("L", "P"):
         raise ConfetiError(f"label {path} must be an 8-bit grey or palette PNG, found mode {img.mode}")
-    return np.asarray(img)
+    return np.array(img)
 
 
 def read_synthia_ids(path):

@@ -1,0 +1,95 @@
+"""The reference ops: plain PyTorch, written to read like SPEC sections 4, 5 and 6.
+
+These are the contract the fused kernels are tested against; they favour clarity over speed
+(the prototype update materializes the upsampled feature map, as the authors' code did).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+
+def _flatten_pixels(maps):
+    """(B, C, h, w) -> (B*h*w, C), rows in (b, y, x) order."""
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, sample_idx=None,
+                         ce_weight=0.5, reg_weight=2.0):
+    """Pixel-to-prototype contrast and its regulariser (SPEC 5).
+
+    feats: (B, D, h, w) raw projection; labels: (B, h, w) int64 at feature resolution, 255
+    ignored; prototypes: (K, D), detached here. `sample_idx` are flat indices into B*h*w, used
+    as given; when None, `num_samples` kept pixels are drawn uniformly without replacement.
+    Returns (loss_ce, loss_reg); both are 0 (with a graph) when every pixel is ignored.
+    """
+    protos = prototypes.detach().float()
+    num_classes = protos.shape[0]
+    v = F.normalize(_flatten_pixels(feats).float(), dim=1)
+    flat_labels = labels.reshape(-1)
+    kept = flat_labels != IGNORE_INDEX
+    if not bool(kept.any()):
+        zero = feats.sum() * 0.0
+        return zero.float(), zero.float()
+    if sample_idx is None:
+        kept_idx = kept.nonzero().squeeze(1)
+        sample_idx = kept_idx[torch.randperm(kept_idx.numel(), device=kept_idx.device)[:num_samples]]
+    logits = v[sample_idx] @ protos.t() / tau
+    loss_ce = ce_weight * F.cross_entropy(logits, flat_labels[sample_idx])
+    mean_v = v[kept].mean(0)
+    log_probs = F.log_softmax(mean_v @ protos.t() / tau, dim=0)
+    loss_reg = reg_weight * log_probs.sum() / (num_classes * math.log(num_classes))
+    return loss_ce, loss_reg
+
+
+@torch.no_grad()
+def proto_ema_update(prototypes, counts, feats, cam, labels, valid=None, momentum=0.999, top_k=32):
+    """EMA update of the prototype table (SPEC 4), in place on `prototypes` (K, D) and `counts` (K,).
+
+    feats: (B, D, h, w) teacher projection; cam: (B, K, h, w) or None (weights 1); labels:
+    (B, H, W); valid: optional (B, H, W) bool. Features and CAM are upsampled bilinearly with
+    align_corners=True to H x W; for each present class in increasing order the `top_k`
+    largest weights are kept (ties to the lower flat index (b, y, x)).
+    """
+    size = labels.shape[-2:]
+    v = _flatten_pixels(F.interpolate(feats.float(), size=size, mode="bilinear", align_corners=True))
+    weights = None
+    if cam is not None:
+        weights = _flatten_pixels(F.interpolate(cam.float(), size=size, mode="bilinear", align_corners=True))
+    flat_labels = labels.reshape(-1)
+    keep = flat_labels != IGNORE_INDEX
+    if valid is not None:
+        keep &= valid.reshape(-1).bool()
+    for c in torch.unique(flat_labels[keep]).tolist():
+        candidates = (keep & (flat_labels == c)).nonzero().squeeze(1)  # ascending flat index
+        w = torch.ones(candidates.numel(), device=v.device) if weights is None else weights[candidates, c]
+        # A stable descending sort keeps equal weights in ascending index order: ties go low.
+        order = torch.sort(w, descending=True, stable=True).indices[:top_k]
+        w, chosen = w[order], candidates[order]
+        n = int(counts[c])
+        alpha = 1.0 if n == 0 else min(1.0 - 1.0 / (n + 1), 1.0 - momentum)
+        counts[c] += chosen.numel()
+        if float(w.sum()) == 0.0:
+            continue
+        mu = F.normalize((w[:, None] * v[chosen]).sum(0) / w.sum(), dim=0)
+        prototypes[c] = ((1.0 - alpha) * prototypes[c].float() + alpha * mu).to(prototypes.dtype)
+    prototypes.copy_(F.normalize(prototypes.float(), dim=1).to(prototypes.dtype))
+    return prototypes, counts
+
+
+def patch_nce(q_layers, k_layers, batch_size, tau=0.07):
+    """PatchNCE (SPEC 6) averaged over layers.
+
+    Each layer gives q and k as (B*P, C), rows grouped by image. Per image, logits q k^T / tau
+    (P x P) with the diagonal as the target, negatives only from the same image; k is detached.
+    """
+    losses = []
+    for q, k in zip(q_layers, k_layers):
+        q = q.float().reshape(batch_size, -1, q.shape[-1])
+        k = k.detach().float().reshape(batch_size, -1, k.shape[-1])
+        logits = torch.bmm(q, k.transpose(1, 2)) / tau
+        target = torch.arange(q.shape[1], device=q.device).expand(batch_size, -1)
+        losses.append(F.cross_entropy(logits.reshape(-1, q.shape[1]), target.reshape(-1)))
+    return torch.stack(losses).mean()
