@@ -15,6 +15,7 @@ setup(
         "confeti_fast",
         "confeti_fast.data",
         "confeti_fast.models",
+        "confeti_fast.ops",
         "confeti_fast.kernels",
         "confeti_fast.configs",
     ],
