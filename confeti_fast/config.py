@@ -38,7 +38,11 @@ REQUIRED_KEYS = {
     "stages": dict,
     "evaluation": dict,
     "data_loader": dict,
+    "method": str,
+    "optimizer": dict,
+    "train": dict,
 }
+METHODS = ("confeti", "source_only")
 EVAL_CLASS_SETS = ("all", "synthia16")
 DATASET_TYPES = ("gta5", "cityscapes", "synthia")
 
@@ -109,9 +113,11 @@ def validate_config(cfg, origin="config"):
             raise ConfetiError(f"{origin}: missing key '{key}'")
         if not isinstance(cfg[key], kind):
             raise ConfetiError(f"{origin}: '{key}' must be a {kind.__name__}, got {cfg[key]!r}")
-    unknown = sorted(set(cfg) - set(REQUIRED_KEYS) - {"optimizer", "train", "work_dir", "kernels"})
+    unknown = sorted(set(cfg) - set(REQUIRED_KEYS))
     if unknown:
         raise ConfetiError(f"{origin}: unknown key(s) {', '.join(unknown)}")
+    if cfg["method"] not in METHODS:
+        raise ConfetiError(f"{origin}: method must be one of {METHODS}, got {cfg['method']!r}")
     if cfg["eval_classes"] not in EVAL_CLASS_SETS:
         raise ConfetiError(f"{origin}: eval_classes must be one of {EVAL_CLASS_SETS}, got '{cfg['eval_classes']}'")
     for side in ("source", "target"):

@@ -34,4 +34,35 @@
         "interval": 4000,
     },
     "data_loader": {"workers": 4},
+    # "confeti", or "source_only": the same model and budget, source cross-entropy only.
+    "method": "confeti",
+    # AdamW; decode head, CAM head, projection and reg_proj at head_lr_mult x lr. mmcv poly
+    # schedule (power 1, to 0) with a linear warm-up from warmup_ratio x lr.
+    "optimizer": {
+        "lr": 6e-05,
+        "betas": [0.9, 0.999],
+        "weight_decay": 0.01,
+        "head_lr_mult": 10.0,
+        "warmup_iters": 1500,
+        "warmup_ratio": 1e-06,
+        "power": 1.0,
+    },
+    "train": {
+        "teacher_momentum": 0.999,
+        "pseudo_threshold": 0.968,
+        "pseudo_ignore_top": 15,  # rows of the pseudo-label weight set to 0
+        "pseudo_ignore_bottom": 120,
+        "mix_cam_after": 2000,  # CAM loss on the mixed image for t > this
+        "contrast_after": 3000,  # contrast losses and CAM-weighted prototypes for t > this
+        "color_jitter": {"strength": 0.2, "prob": 0.2},
+        "blur": True,
+        "cam_weight": 1.0,
+        "fdist_weight": 0.005,
+        "fdist_min_ratio": 0.75,
+        "proto_dim": 512,
+        "proto_momentum": 0.999,
+        "proto_top_k": 32,
+        "contrast": {"tau": 0.1, "num_samples": 4096, "ce_weight": 0.5, "reg_weight": 2.0},
+        "log_interval": 50,
+    },
 }

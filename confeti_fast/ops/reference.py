@@ -16,6 +16,13 @@ def _flatten_pixels(maps):
     return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
 
 
+def sample_kept_pixels(labels, num_samples, generator=None):
+    """Up to `num_samples` flat indices of non-ignored pixels, uniformly without replacement."""
+    kept = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    order = torch.randperm(kept.numel(), generator=generator)[:num_samples]
+    return kept[order.to(kept.device)]
+
+
 def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, sample_idx=None,
                          ce_weight=0.5, reg_weight=2.0):
     """Pixel-to-prototype contrast and its regulariser (SPEC 5).
@@ -34,8 +41,7 @@ def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, s
         zero = feats.sum() * 0.0
         return zero.float(), zero.float()
     if sample_idx is None:
-        kept_idx = kept.nonzero().squeeze(1)
-        sample_idx = kept_idx[torch.randperm(kept_idx.numel(), device=kept_idx.device)[:num_samples]]
+        sample_idx = sample_kept_pixels(flat_labels, num_samples)
     logits = v[sample_idx] @ protos.t() / tau
     loss_ce = ce_weight * F.cross_entropy(logits, flat_labels[sample_idx])
     mean_v = v[kept].mean(0)

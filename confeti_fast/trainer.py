@@ -1,0 +1,276 @@
+"""The adaptation trainer: one iteration of SPEC 3, and the loop around it.
+
+Every random choice of an iteration comes from a generator seeded with (seed, t), and the
+loader's samples from (seed, step); so a checkpoint plus the iteration number resumes a run
+bit for bit.
+"""
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .checkpoint import FORMAT, load_training_checkpoint, save_atomic
+from .config import dump_config
+from .data.augment import class_mix_masks, mix, strong_augment
+from .data.datasets import build_dataset
+from .data.labels import THING_CLASSES
+from .data.loader import PairedSteps, paired_loader
+from .errors import ConfetiError
+from .evaluation import evaluate
+from .losses import cam_loss, feature_distance, nearest_downsample, seg_ce
+from .models import load_model_weights, upsample_logits
+from .models.heads import ConfetiNet, reg_proj
+from .ops.reference import sample_kept_pixels
+from .optim import build_optimizer, set_lr, update_teacher
+from .visualize import denormalize, label_picture, plot_curves, save_panel, weight_picture
+
+
+class NonFiniteLoss(ConfetiError):
+    """A loss term became NaN or infinite; training stops before it touches any weight."""
+
+
+def pseudo_labels(teacher_logits, size, threshold, ignore_top, ignore_bottom):
+    """Teacher argmax labels at `size`, and pixel weights: the confident fraction q everywhere
+    except the top and bottom rows, which get 0. Returns (labels, weights, q)."""
+    probs = torch.softmax(upsample_logits(teacher_logits.detach(), size).float(), dim=1)
+    confidence, labels = probs.max(dim=1)
+    q = (confidence >= threshold).float().mean()
+    weights = q * torch.ones_like(confidence)
+    weights[:, :ignore_top] = 0
+    if ignore_bottom:
+        weights[:, -ignore_bottom:] = 0
+    return labels, weights, q
+
+
+class Trainer:
+    def __init__(self, cfg, stage, work_dir, device=None, resume=None, progress=True):
+        self.cfg, self.stage, self.progress = cfg, stage, progress
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.work_dir = Path(work_dir) / f"stage{stage}"
+        self.max_iters = cfg["stages"][str(stage)]["iters"]
+        tcfg, num_classes = cfg["train"], cfg["num_classes"]
+
+        torch.manual_seed(cfg["seed"])
+        self.student = ConfetiNet(cfg["model"], num_classes, tcfg["proto_dim"]).to(self.device)
+        self.teacher = self._frozen_copy(self.student)
+        self.imnet = self._frozen_copy(self.student.segmentor).eval()
+        self.reg_proj = reg_proj(tcfg["proto_dim"]).to(self.device)
+        self.prototypes = torch.zeros(num_classes, tcfg["proto_dim"], device=self.device)
+        self.proto_counts = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
+        head_ids = {id(p) for m in self.student.head_modules() for p in m.parameters()}
+        self.optimizer = build_optimizer(
+            (p for p in self.student.parameters() if id(p) not in head_ids),
+            [p for m in self.student.head_modules() for p in m.parameters()] + list(self.reg_proj.parameters()),
+            cfg["optimizer"])
+        self.steps = PairedSteps(cfg, stage, progress=progress)
+        self.val_set = build_dataset(cfg["target"], "val")
+        self.t = 0
+        self.best = {"metric": None, "value": -1.0, "iter": None}
+        if resume:
+            self.load(resume)
+
+    @staticmethod
+    def _frozen_copy(module):
+        clone = copy.deepcopy(module)
+        for p in clone.parameters():
+            p.requires_grad_(False)
+        return clone
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, batch, t):
+        """Run iteration t on a loader batch; returns the loss values (tensors) by name."""
+        cfg, tcfg = self.cfg, self.cfg["train"]
+        gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + t)
+        x_s = batch["source_image"].to(self.device, non_blocking=True)
+        y_s = batch["source_label"].to(self.device, non_blocking=True)
+        x_t = batch["target_image"].to(self.device, non_blocking=True)
+        set_lr(self.optimizer, t, self.max_iters, cfg["optimizer"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.student.train()
+        self.teacher.train()  # as in DAFormer: the teacher runs with batch statistics
+        losses = {}
+
+        if cfg["method"] == "source_only":
+            losses["src_ce"] = seg_ce(self.student.segmentor(x_s), y_s)
+            self._backward(losses, ["src_ce"], t)
+            self.optimizer.step()
+            return losses, {}
+
+        # 1. teacher EMA
+        update_teacher(self.teacher, self.student, t, tcfg["teacher_momentum"])
+        # 2. stylize: the identity until the style-transfer module lands
+        x_st = x_s
+        # 3. pseudo labels on the target
+        with torch.no_grad():
+            teacher_t = self.teacher(x_t)
+        y_t, w_t, q = pseudo_labels(teacher_t["logits"], x_t.shape[-2:], tcfg["pseudo_threshold"],
+                                    tcfg["pseudo_ignore_top"], tcfg["pseudo_ignore_bottom"])
+        # 4. ClassMix + strong augmentation
+        mask = class_mix_masks(y_s, gen)
+        x_m = mix(mask, x_st, x_t)
+        y_m = mix(mask, y_s, y_t)
+        w_m = torch.where(mask, torch.ones_like(w_t), w_t)
+        x_m = strong_augment(x_m, cfg["pipeline"]["mean"], cfg["pipeline"]["std"], gen,
+                             tcfg["color_jitter"]["strength"], tcfg["color_jitter"]["prob"], tcfg["blur"])
+        # 5. prototype EMA update from the teacher on the mixed image
+        warmup = t <= tcfg["contrast_after"]
+        with torch.no_grad():
+            teacher_m = self.teacher(x_m)
+            ops.proto_ema_update(self.prototypes, self.proto_counts, teacher_m["proj"],
+                                 None if warmup else F.relu(teacher_m["cam"]), y_m,
+                                 valid=mask if warmup else None,
+                                 momentum=tcfg["proto_momentum"], top_k=tcfg["proto_top_k"])
+        # 6. source losses
+        out_s = self.student(x_st.detach())
+        losses["src_ce"] = seg_ce(out_s["logits"], y_s)
+        losses["src_cam"] = tcfg["cam_weight"] * cam_loss(out_s["cam"], y_s)
+        if tcfg["fdist_weight"] > 0:
+            with torch.no_grad():
+                imnet_features = self.imnet.extract_features(x_s)
+            losses["fdist"] = tcfg["fdist_weight"] * feature_distance(
+                out_s["features"], imnet_features, y_s, THING_CLASSES, cfg["num_classes"], tcfg["fdist_min_ratio"])
+        if not warmup:
+            losses["src_contrast"], losses["src_reg"] = self._contrast(out_s["proj"], y_s, gen)
+        self._backward(losses, list(losses), t)
+        # 8. mixed losses
+        out_m = self.student(x_m)
+        mixed = {"mix_ce": seg_ce(out_m["logits"], y_m, w_m)}
+        if t > tcfg["mix_cam_after"]:
+            mixed["mix_cam"] = tcfg["cam_weight"] * cam_loss(out_m["cam"], y_m)
+        if not warmup:
+            mixed["mix_contrast"], mixed["mix_reg"] = self._contrast(out_m["proj"], y_m, gen)
+        self._backward(mixed, list(mixed), t)
+        losses.update(mixed)
+        # 10. optimizer step
+        self.optimizer.step()
+        debug = {"x_s": x_s, "x_t": x_t, "x_m": x_m, "y_m": y_m, "y_t": y_t, "w_m": w_m}
+        losses["q"] = q
+        return losses, debug
+
+    def _contrast(self, proj, labels, gen):
+        ccfg = self.cfg["train"]["contrast"]
+        small = nearest_downsample(labels, proj.shape[-2:])
+        sample_idx = sample_kept_pixels(small, ccfg["num_samples"], gen)
+        return ops.pixel_proto_contrast(proj, small, self.prototypes, tau=ccfg["tau"],
+                                        num_samples=ccfg["num_samples"], sample_idx=sample_idx,
+                                        ce_weight=ccfg["ce_weight"], reg_weight=ccfg["reg_weight"])
+
+    def _backward(self, losses, names, t):
+        for name in names:
+            if not torch.isfinite(losses[name]):
+                raise NonFiniteLoss(
+                    f"loss '{name}' is {float(losses[name].detach())} at iteration {t}; training stopped before "
+                    f"the update, the last checkpoint in {self.work_dir} is intact")
+        sum(losses[name] for name in names).backward()
+
+    # ------------------------------------------------------------------ the loop
+    def train(self):
+        from tqdm import tqdm
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.work_dir / "config.py")
+        log_path = self.work_dir / "log.jsonl"
+        tcfg, interval = self.cfg["train"], self.cfg["evaluation"]["interval"]
+        loader = paired_loader(self.steps, self.t, self.cfg["data_loader"]["workers"], self.device.type == "cuda")
+        bar = tqdm(total=self.max_iters, initial=self.t, desc=f"stage {self.stage}", unit="it",
+                   disable=not self.progress, dynamic_ncols=True)
+        result, sums, counts, started, done = None, {}, {}, time.perf_counter(), 0
+        for batch in loader:
+            t = batch["step"]
+            losses, debug = self.step(batch, t)
+            self.t = t + 1
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+                counts[name] = counts.get(name, 0) + 1
+            done += 1
+            if self.t % tcfg["log_interval"] == 0 or self.t == self.max_iters:
+                means = {k: v / counts[k] for k, v in sums.items()}
+                record = {"iter": self.t, "lr": self.optimizer.param_groups[0]["lr"],
+                          "it_per_s": done / (time.perf_counter() - started)}
+                record.update({k if k == "q" else f"loss/{k}": v for k, v in means.items()})
+                self._log(log_path, record)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("src_ce", "mix_ce", "q")})
+                sums, counts, started, done = {}, {}, time.perf_counter(), 0
+            bar.update(1)
+            if self.t % interval == 0 or self.t == self.max_iters:
+                if debug:
+                    self._panel(debug)
+                result = self.evaluate()
+                self._log(log_path, {"iter": self.t, **{k: 100 * result[k] for k in self._metrics(result)}})
+                self.save(result)
+        bar.close()
+        if result is None:  # resumed at the end: nothing left to run
+            result = self.evaluate()
+        plot_curves(log_path, self.work_dir / "curves.png")
+        return result
+
+    def evaluate(self):
+        return evaluate(self.student.segmentor, self.val_set, self.cfg, device=self.device, progress=False)
+
+    @staticmethod
+    def _metrics(result):
+        return [k for k in ("mIoU", "mIoU16", "mIoU13") if k in result]
+
+    @staticmethod
+    def _log(path, record):
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _panel(self, debug):
+        mean, std = self.cfg["pipeline"]["mean"], self.cfg["pipeline"]["std"]
+        save_panel([
+            ("source", denormalize(debug["x_s"][0], mean, std)),
+            ("target", denormalize(debug["x_t"][0], mean, std)),
+            ("mixed", denormalize(debug["x_m"][0], mean, std)),
+            ("mixed label", label_picture(debug["y_m"][0])),
+            ("pseudo label", label_picture(debug["y_t"][0])),
+            ("weights", weight_picture(debug["w_m"][0])),
+        ], self.work_dir / "panels" / f"classmix_{self.t:06d}.png")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self):
+        def split(net):
+            return {"segmentor": net.segmentor.state_dict(), "cam_head": net.cam_head.state_dict(),
+                    "proj_head": net.proj_head.state_dict()}
+
+        return {
+            "format": FORMAT, "stage": self.stage, "iteration": self.t, "config": self.cfg,
+            "model": self.student.segmentor.state_dict(), "student": split(self.student),
+            "teacher": split(self.teacher), "imnet": self.imnet.state_dict(),
+            "reg_proj": self.reg_proj.state_dict(), "prototypes": self.prototypes,
+            "proto_counts": self.proto_counts, "optimizer": self.optimizer.state_dict(),
+            "loader": {"next_step": self.t}, "best": dict(self.best),
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def save(self, result):
+        metric = self._metrics(result)[0]
+        value = result[metric]
+        improved = not math.isnan(value) and value > self.best["value"]
+        if improved:
+            self.best = {"metric": metric, "value": value, "iter": self.t}
+        state = self.state()
+        save_atomic(state, self.work_dir / "last.pth")
+        if improved:
+            save_atomic(state, self.work_dir / "best.pth")
+
+    def load(self, path):
+        ckpt = load_training_checkpoint(path)
+        if ckpt["stage"] != self.stage:
+            raise ConfetiError(f"checkpoint {path} is from stage {ckpt['stage']}, not stage {self.stage}")
+        for net, key in ((self.student, "student"), (self.teacher, "teacher")):
+            for part in ("segmentor", "cam_head", "proj_head"):
+                load_model_weights(getattr(net, part), ckpt[key][part], f"{path} [{key}.{part}]")
+        load_model_weights(self.imnet, ckpt["imnet"], f"{path} [imnet]")
+        load_model_weights(self.reg_proj, ckpt["reg_proj"], f"{path} [reg_proj]")
+        self.prototypes.copy_(ckpt["prototypes"])
+        self.proto_counts.copy_(ckpt["proto_counts"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.t = ckpt["loader"]["next_step"]
+        self.best = ckpt["best"]
+        torch.set_rng_state(ckpt["rng"]["torch"])

@@ -1,0 +1,156 @@
+"""The trainer end to end on tiny data: exact resume, NaN stop, atomic checkpoints, presets."""
+import pytest
+import torch
+
+from confeti_fast.checkpoint import load_training_checkpoint
+from confeti_fast.config import load_config
+from confeti_fast.errors import ConfetiError
+from confeti_fast import trainer as trainer_module
+from confeti_fast.trainer import NonFiniteLoss, Trainer
+from test_readers import make_cityscapes, make_gta5, make_synthia
+
+
+def tiny_config(tmp_path, base="demo", **train):
+    source = load_config(base)["source"]["type"]
+    (make_synthia if source == "synthia" else make_gta5)(tmp_path / "source", n=4, h=40, w=48)
+    make_cityscapes(tmp_path / "cs", "train", h=40, w=48)
+    make_cityscapes(tmp_path / "cs", "val", per_city=1, h=40, w=48)
+    return load_config(base, {
+        "model": {"depth": 18, "pretrained": None},
+        "source": {"root": str(tmp_path / "source"), "resize": [48, 40], "generate": None},
+        "target": {"root": str(tmp_path / "cs"), "resize": [48, 40], "generate": None},
+        "rcs": {"min_pixels": 30},
+        "stages": {"2": {"crop_size": [32, 32], "iters": 4}},
+        "evaluation": {"scale": [48, 40], "interval": 2},
+        "optimizer": {"warmup_iters": 2},
+        # every gate opens within the 4 iterations: t > 0 mixed CAM, t > 1 contrast
+        "train": dict({"mix_cam_after": 0, "contrast_after": 1, "pseudo_ignore_top": 2,
+                       "pseudo_ignore_bottom": 4, "log_interval": 1}, **train),
+    })
+
+
+def _assert_states_equal(a, b, path="state"):
+    if torch.is_tensor(a):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            if key != "rng":
+                _assert_states_equal(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_states_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    straight = Trainer(cfg, 2, tmp_path / "straight", progress=False)
+    straight.train()
+    assert straight.t == 4 and straight.proto_counts.sum() > 0
+
+    save = Trainer.save
+
+    def stop_after_first_checkpoint(self, result):
+        save(self, result)
+        raise KeyboardInterrupt  # the run is killed right after iteration 2's checkpoint
+
+    monkeypatch.setattr(Trainer, "save", stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, 2, tmp_path / "halves", progress=False).train()
+    monkeypatch.setattr(Trainer, "save", save)
+    last = tmp_path / "halves" / "stage2" / "last.pth"
+    assert load_training_checkpoint(last)["iteration"] == 2
+    resumed = Trainer(cfg, 2, tmp_path / "halves", resume=last, progress=False)
+    resumed.train()
+    assert resumed.t == 4
+    _assert_states_equal(straight.state(), resumed.state())
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    real_cam_loss = trainer_module.cam_loss
+    calls = {"n": 0}
+
+    def cam_loss_nan_at_iteration_3(cam, labels):
+        loss = real_cam_loss(cam, labels)
+        calls["n"] += 1
+        # cam_loss runs on the source and (t > 0) the mixed image: t=0 once, t=1,2 twice each
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(trainer_module, "cam_loss", cam_loss_nan_at_iteration_3)
+    run = Trainer(cfg, 2, tmp_path / "run", progress=False)
+    with pytest.raises(NonFiniteLoss, match=r"loss 'src_cam' is nan at iteration 3") as err:
+        run.train()
+    assert "\n" not in str(err.value) and isinstance(err.value, ConfetiError)
+    ckpt = load_training_checkpoint(tmp_path / "run" / "stage2" / "last.pth")
+    assert ckpt["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_interrupted_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    run = Trainer(cfg, 2, tmp_path / "run", progress=False)
+    run.train()
+    last = tmp_path / "run" / "stage2" / "last.pth"
+    before = last.read_bytes()
+
+    def torch_save_dies_halfway(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torch_save_dies_halfway)
+    with pytest.raises(OSError):
+        run.save({"mIoU": 0.5})
+    assert last.read_bytes() == before
+    assert load_training_checkpoint(last)["iteration"] == 4
+
+
+def test_run_outputs(tmp_path):
+    cfg = tiny_config(tmp_path)
+    run = Trainer(cfg, 2, tmp_path / "run", progress=False)
+    result = run.train()
+    out = tmp_path / "run" / "stage2"
+    assert load_config(out / "config.py") == cfg
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert len([line for line in lines if '"mIoU"' in line]) == 2 and len(lines) == 6
+    assert (out / "panels" / "classmix_000002.png").is_file() and (out / "curves.png").is_file()
+    assert (out / "best.pth").is_file() and 0.0 <= result["mIoU"] <= 1.0
+
+
+def test_source_only_trains_only_the_segmentor(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg["method"] = "source_only"
+    run = Trainer(cfg, 2, tmp_path / "run", progress=False)
+    run.train()
+    assert run.proto_counts.sum() == 0
+    assert all(p.grad is None for p in run.student.cam_head.parameters())
+
+
+def test_resume_rejects_another_stage_and_foreign_files(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg["stages"]["1"] = dict(cfg["stages"]["2"])
+    Trainer(cfg, 2, tmp_path / "run", progress=False).train()
+    with pytest.raises(ConfetiError, match="from stage 2, not stage 1"):
+        Trainer(cfg, 1, tmp_path / "run", resume=tmp_path / "run" / "stage2" / "last.pth", progress=False)
+    junk = tmp_path / "junk.pth"
+    torch.save({"weights": 1}, junk)
+    with pytest.raises(ConfetiError, match="not a confeti_fast training checkpoint"):
+        Trainer(cfg, 2, tmp_path / "run", resume=junk, progress=False)
+
+
+@pytest.mark.parametrize("preset", ["gta2cs", "synthia2cs"])
+def test_paper_presets_build_full_models_and_run_one_iteration(tmp_path, preset):
+    cfg = tiny_config(tmp_path, base=preset, mix_cam_after=-1, contrast_after=-1)
+    cfg["model"]["depth"] = load_config(preset)["model"]["depth"]
+    cfg["stages"]["2"]["iters"] = 1
+    run = Trainer(cfg, 2, tmp_path / "run", progress=False)
+    assert run.student.segmentor.depth == 101 and run.student.proj_head.out_channels == 512
+    batch = run.steps[0]
+    losses, _ = run.step(batch, 0)
+    expected = {"src_ce", "src_cam", "fdist", "src_contrast", "src_reg", "mix_ce", "mix_cam",
+                "mix_contrast", "mix_reg", "q"}
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
