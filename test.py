@@ -52,40 +52,14 @@ def _positive_int(text):
 
 def load_checkpoint(path):
     """The checkpoint dict at `path`, read with weights_only=True; ConfetiError otherwise."""
-    import torch
-
+    from confeti_fast.checkpoint import read_checkpoint
     from confeti_fast.errors import ConfetiError
 
-    path = Path(path)
-    if not path.exists():
-        raise ConfetiError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise ConfetiError(f"checkpoint {path} is not a file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling / zip / format errors come in many types
-        raise ConfetiError(f"checkpoint {path} {_load_failure(path, err)}") from None
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ConfetiError(f"checkpoint {path} must hold a dict with the weights under 'model', "
                            f"found {type(ckpt).__name__}")
     return ckpt
-
-
-def _load_failure(path, err):
-    """Why torch.load(weights_only=True) failed, in a few words (never 'use weights_only=False')."""
-    import re
-    import zipfile
-
-    text = str(err)
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if match:
-        return (f"holds a {match.group(1)} object; checkpoints are read with torch.load(weights_only=True), "
-                f"which accepts only tensors and plain Python literals")
-    if not zipfile.is_zipfile(path):
-        return "is not a PyTorch checkpoint (torch.save file)"
-    reason = " ".join(text.split())
-    reason = reason.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
-    return f"cannot be read with torch.load(weights_only=True): {type(err).__name__}: {reason[:160]}"
 
 
 def select_weights(ckpt, path, teacher=False):

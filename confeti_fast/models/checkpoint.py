@@ -88,18 +88,9 @@ def _describe_keys(title, keys):
 
 
 def _torch_load(path, what):
-    path = Path(path)
-    if not path.exists():
-        raise ConfetiError(f"{what} {path} does not exist")
-    if not path.is_file():
-        raise ConfetiError(f"{what} {path} is not a file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle/zip/unpickler errors come in many types
-        raise ConfetiError(
-            f"{what} {path} cannot be read as a PyTorch checkpoint written by torch.save "
-            f"(torch.load weights_only=True failed: {type(err).__name__}: {_one_line(err, 160)})"
-        ) from None
+    from ..checkpoint import read_checkpoint
+
+    return read_checkpoint(path, what)
 
 
 def _strip_prefix(state_dict, prefix):
