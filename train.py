@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Train CONFETI (or the source-only baseline).
 
-    python train.py [--config PRESET_OR_FILE] [--stage 1|2] [--work-dir DIR]
+    python train.py [--config PRESET_OR_FILE] [--stage 0|1|2] [--work-dir DIR]
                     [--resume auto|PATH] [--kernels fused|reference] [--iters N]
+                    [--cut-checkpoint PATH]
 
 With no arguments: the demo preset on the embedded demo data (generated on first use),
-ending with the target mIoU. Outputs go to WORK_DIR/stage<N>/: config.py (resolved),
-log.jsonl, last.pth / best.pth (written atomically), panels/ (ClassMix debug), curves.png.
+stage 1 then stage 2, ending with the target mIoU. Outputs go to WORK_DIR/stage<N>/:
+config.py (resolved), log.jsonl, last.pth / best.pth (written atomically), panels/
+(ClassMix debug, source/stylized/target), stylized/, curves.png.
 """
 import argparse
 from pathlib import Path
@@ -15,8 +17,12 @@ from pathlib import Path
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train CONFETI domain adaptation.")
     parser.add_argument("--config", default="demo", help="preset name or config file (default: demo)")
-    parser.add_argument("--stage", type=int, choices=(1, 2), default=2,
-                        help="training stage (default 2; stage 1 runs without style transfer for now)")
+    parser.add_argument("--stage", type=int, choices=(0, 1, 2), default=None,
+                        help="0: pre-train CUT alone; 1: joint; 2: frozen CUT, segmentor restarted "
+                             "(default: 1 then 2; only 2 without style transfer)")
+    parser.add_argument("--cut-checkpoint", type=Path, default=None, metavar="PATH",
+                        help="start G/D/F from this checkpoint (a stage's last.pth, or CUT's latest_net_G.pth); "
+                             "default: the previous stage's last.pth in the work dir")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: work_dirs/<config name>")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="'auto': continue from WORK_DIR/stage<N>/last.pth if it exists; or a checkpoint")
@@ -33,28 +39,40 @@ def main(argv=None):
     from confeti_fast.config import load_config
     from confeti_fast.errors import ConfetiError
 
-    overrides = {}
-    if args.iters is not None:
-        if args.iters < 1:
-            raise ConfetiError(f"--iters must be positive, got {args.iters}")
-        overrides = {"stages": {str(args.stage): {"iters": args.iters}}}
-    cfg = load_config(args.config, overrides)
+    if args.iters is not None and args.iters < 1:
+        raise ConfetiError(f"--iters must be positive, got {args.iters}")
+    cfg = load_config(args.config)
+    styled = cfg["method"] == "confeti" and cfg["cut"]["enabled"]
+    stages = [args.stage] if args.stage is not None else ([1, 2] if styled else [2])
+    if args.resume not in (None, "auto") and len(stages) > 1:
+        raise ConfetiError("--resume PATH needs --stage: a checkpoint belongs to one stage")
 
     from confeti_fast import ops
+    from confeti_fast.config import merge
     from confeti_fast.trainer import Trainer
 
     ops.set_kernels(args.kernels)
     work_dir = args.work_dir or Path("work_dirs") / cfg["name"]
-    resume = args.resume
-    if resume == "auto":
-        last = work_dir / f"stage{args.stage}" / "last.pth"
-        resume = last if last.is_file() else None
-        print(f"resume: {'from ' + str(last) if resume else 'no checkpoint in ' + str(last.parent) + ', starting fresh'}")
-    trainer = Trainer(cfg, args.stage, work_dir, device=args.device, resume=resume, progress=not args.no_progress)
-    result = trainer.train()
-    metrics = ", ".join(f"{k} {100 * result[k]:.2f}" for k in ("mIoU", "mIoU16", "mIoU13") if k in result)
-    print(f"target {metrics} after {trainer.t} iterations; outputs in {trainer.work_dir}")
+    result = None
+    for stage in stages:
+        if args.iters is not None:
+            cfg = merge(cfg, {"stages": {str(stage): {"iters": args.iters}}})
+        trainer = Trainer(cfg, stage, work_dir, device=args.device, resume=_resume_path(args.resume, work_dir, stage),
+                          progress=not args.no_progress,
+                          cut_checkpoint=args.cut_checkpoint if stage == stages[0] else None)
+        result = trainer.train()
+        metrics = ", ".join(f"{k} {100 * result[k]:.2f}" for k in ("mIoU", "mIoU16", "mIoU13") if k in result)
+        print(f"stage {stage}: " + (f"target {metrics} " if metrics else "") +
+              f"after {trainer.t} iterations; outputs in {trainer.work_dir}", flush=True)
     return result
+
+
+def _resume_path(resume, work_dir, stage):
+    if resume != "auto":
+        return resume
+    last = work_dir / f"stage{stage}" / "last.pth"
+    print(f"resume: {'from ' + str(last) if last.is_file() else 'no checkpoint in ' + str(last.parent) + ', starting fresh'}")
+    return last if last.is_file() else None
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ REQUIRED_KEYS = {
     "method": str,
     "optimizer": dict,
     "train": dict,
+    "cut": dict,
 }
 METHODS = ("confeti", "source_only")
 EVAL_CLASS_SETS = ("all", "synthia16")

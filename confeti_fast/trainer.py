@@ -48,7 +48,7 @@ def pseudo_labels(teacher_logits, size, threshold, ignore_top, ignore_bottom):
 
 
 class Trainer:
-    def __init__(self, cfg, stage, work_dir, device=None, resume=None, progress=True):
+    def __init__(self, cfg, stage, work_dir, device=None, resume=None, progress=True, cut_checkpoint=None):
         self.cfg, self.stage, self.progress = cfg, stage, progress
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.work_dir = Path(work_dir) / f"stage{stage}"
@@ -67,12 +67,40 @@ class Trainer:
             (p for p in self.student.parameters() if id(p) not in head_ids),
             [p for m in self.student.head_modules() for p in m.parameters()] + list(self.reg_proj.parameters()),
             cfg["optimizer"])
+        self.style = self._build_style(cut_checkpoint)
         self.steps = PairedSteps(cfg, stage, progress=progress)
         self.val_set = build_dataset(cfg["target"], "val")
         self.t = 0
         self.best = {"metric": None, "value": -1.0, "iter": None}
         if resume:
             self.load(resume)
+
+    def _build_style(self, cut_checkpoint):
+        """CUT for the confeti method: trained in stages 0 and 1, frozen in stage 2. Its start:
+        `cut_checkpoint` if given, else stage 0's output (stage 1) or stage 1's (stage 2)."""
+        if self.cfg["method"] != "confeti" or not self.cfg["cut"]["enabled"]:
+            if self.stage == 0:
+                raise ConfetiError("--stage 0 pre-trains the style transfer: it needs method 'confeti' "
+                                   "and cut.enabled True")
+            return None
+        from .style import StyleTransfer, load_style
+
+        style = StyleTransfer(self.cfg["cut"], self.device, self.cfg["pipeline"]["mean"], self.cfg["pipeline"]["std"])
+        source = cut_checkpoint
+        if source is None and self.stage > 0:
+            previous = self.work_dir.parent / f"stage{self.stage - 1}" / "last.pth"
+            if previous.is_file():
+                source = previous
+            elif self.stage == 2:
+                raise ConfetiError(
+                    f"stage 2 needs the style transfer trained in stage 1: no {previous}; run "
+                    f"`python train.py --stage 1` with the same --work-dir first, or pass --cut-checkpoint PATH")
+        if source is not None:
+            load_style(style, source, with_optimizers=False)
+            print(f"style transfer: G/D/F from {source}", flush=True)
+        if self.stage == 2:
+            style.freeze()
+        return style
 
     @staticmethod
     def _frozen_copy(module):
@@ -100,11 +128,23 @@ class Trainer:
             self._backward(losses, ["src_ce"], t)
             self.optimizer.step()
             return losses, {}
+        if self.stage == 0:
+            return self._cut_only_step(x_s, x_t, gen)
 
         # 1. teacher EMA
         update_teacher(self.teacher, self.student, t, tcfg["teacher_momentum"])
-        # 2. stylize: the identity until the style-transfer module lands
-        x_st = x_s
+        # 2. stylize (G trains in stage 1, frozen in stage 2; no style: the identity)
+        style, cut = self.style, {}
+        if style is None:
+            x_st = x_s
+        elif self.stage == 2:
+            with torch.no_grad():
+                x_st = style.to_imagenet(style.G(style.to_cut(x_s)))
+        else:
+            cut = {"real_source": style.to_cut(x_s), "real_target": style.to_cut(x_t)}
+            cut["fake"] = style.G(cut["real_source"])
+            cut["identity"] = style.G(cut["real_target"])
+            x_st = style.to_imagenet(cut["fake"])
         # 3. pseudo labels on the target
         with torch.no_grad():
             teacher_t = self.teacher(x_t)
@@ -112,7 +152,7 @@ class Trainer:
                                     tcfg["pseudo_ignore_top"], tcfg["pseudo_ignore_bottom"])
         # 4. ClassMix + strong augmentation
         mask = class_mix_masks(y_s, gen)
-        x_m = mix(mask, x_st, x_t)
+        x_m = mix(mask, x_st.detach(), x_t)
         y_m = mix(mask, y_s, y_t)
         w_m = torch.where(mask, torch.ones_like(w_t), w_t)
         x_m = strong_augment(x_m, cfg["pipeline"]["mean"], cfg["pipeline"]["std"], gen,
@@ -137,6 +177,15 @@ class Trainer:
         if not warmup:
             losses["src_contrast"], losses["src_reg"] = self._contrast(out_s["proj"], y_s, gen)
         self._backward(losses, list(losses), t)
+        # 6 (stage 1) consistency, and 7. the CUT step: D, then G and F
+        if cut:
+            consistency = self._consistency(x_s, x_st)
+            self._check_finite({"consistency": consistency}, t)
+            losses["consistency"] = consistency.detach()
+            check = lambda values: self._check_finite(values, t)  # noqa: E731
+            losses["cut_d"] = style.d_step(cut["real_target"], cut["fake"], check)
+            losses.update(style.g_step(cut["real_source"], cut["fake"], cut["real_target"], cut["identity"],
+                                       gen, check, consistency))
         # 8. mixed losses
         out_m = self.student(x_m)
         mixed = {"mix_ce": seg_ce(out_m["logits"], y_m, w_m)}
@@ -146,9 +195,16 @@ class Trainer:
             mixed["mix_contrast"], mixed["mix_reg"] = self._contrast(out_m["proj"], y_m, gen)
         self._backward(mixed, list(mixed), t)
         losses.update(mixed)
+        # 9. stage 1: contrast on the target with all its pseudo labels, scaled by q
+        if cut and not warmup:
+            out_t = self.student(x_t)
+            target = dict(zip(("tgt_contrast", "tgt_reg"), self._contrast(out_t["proj"], y_t, gen)))
+            target = {name: q * value for name, value in target.items()}
+            self._backward(target, list(target), t)
+            losses.update(target)
         # 10. optimizer step
         self.optimizer.step()
-        debug = {"x_s": x_s, "x_t": x_t, "x_m": x_m, "y_m": y_m, "y_t": y_t, "w_m": w_m}
+        debug = {"x_s": x_s, "x_t": x_t, "x_m": x_m, "y_m": y_m, "y_t": y_t, "w_m": w_m, "x_st": x_st}
         losses["q"] = q
         return losses, debug
 
@@ -160,12 +216,39 @@ class Trainer:
                                         num_samples=ccfg["num_samples"], sample_idx=sample_idx,
                                         ce_weight=ccfg["ce_weight"], reg_weight=ccfg["reg_weight"])
 
-    def _backward(self, losses, names, t):
-        for name in names:
-            if not torch.isfinite(losses[name]):
+    def _consistency(self, x_s, x_st):
+        """Prototypical semantic consistency: w * MSE(reg_proj(h(f(x_st))) . P^T, stopgrad(h(f(x_s)) . P^T))
+        with f and h frozen for this term (detached weights, copied BN buffers); its gradient
+        reaches G through x_st, and reg_proj."""
+        frozen = {name: p.detach() for name, p in self.student.named_parameters()}
+        frozen.update({name: b.clone() for name, b in self.student.named_buffers()})
+        protos = self.prototypes.detach()
+        stylized = torch.func.functional_call(self.student, frozen, (x_st,))["proj"]
+        with torch.no_grad():
+            original = torch.func.functional_call(self.student, frozen, (x_s,))["proj"]
+            target = torch.einsum("bdhw,kd->bkhw", original.float(), protos)
+        similarity = torch.einsum("bdhw,kd->bkhw", self.reg_proj(stylized).float(), protos)
+        return self.cfg["cut"]["consistency_weight"] * F.mse_loss(similarity, target)
+
+    def _cut_only_step(self, x_s, x_t, gen):
+        """Stage 0: the CUT D and G/F steps alone."""
+        style = self.style
+        real_source, real_target = style.to_cut(x_s), style.to_cut(x_t)
+        fake, identity = style.G(real_source), style.G(real_target)
+        check = lambda values: self._check_finite(values, self.t)  # noqa: E731
+        losses = {"cut_d": style.d_step(real_target, fake, check)}
+        losses.update(style.g_step(real_source, fake, real_target, identity, gen, check))
+        return losses, {"x_s": x_s, "x_t": x_t, "x_st": style.to_imagenet(fake)}
+
+    def _check_finite(self, losses, t):
+        for name, value in losses.items():
+            if not torch.isfinite(value):
                 raise NonFiniteLoss(
-                    f"loss '{name}' is {float(losses[name].detach())} at iteration {t}; training stopped before "
+                    f"loss '{name}' is {float(value.detach())} at iteration {t}; training stopped before "
                     f"the update, the last checkpoint in {self.work_dir} is intact")
+
+    def _backward(self, losses, names, t):
+        self._check_finite({name: losses[name] for name in names}, t)
         sum(losses[name] for name in names).backward()
 
     # ------------------------------------------------------------------ the loop
@@ -198,8 +281,7 @@ class Trainer:
                 sums, counts, started, done = {}, {}, time.perf_counter(), 0
             bar.update(1)
             if self.t % interval == 0 or self.t == self.max_iters:
-                if debug:
-                    self._panel(debug)
+                self._pictures(debug)
                 result = self.evaluate()
                 self._log(log_path, {"iter": self.t, **{k: 100 * result[k] for k in self._metrics(result)}})
                 self.save(result)
@@ -210,6 +292,8 @@ class Trainer:
         return result
 
     def evaluate(self):
+        if self.stage == 0:  # CUT alone: no segmentor to evaluate
+            return {}
         return evaluate(self.student.segmentor, self.val_set, self.cfg, device=self.device, progress=False)
 
     @staticmethod
@@ -221,8 +305,19 @@ class Trainer:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _panel(self, debug):
+    def _pictures(self, debug):
+        """The ClassMix debug panel and, with style transfer, the source / stylized / target panel
+        and the stylized images themselves."""
         mean, std = self.cfg["pipeline"]["mean"], self.cfg["pipeline"]["std"]
+        if "x_st" in debug and self.style is not None:
+            stylized = [denormalize(x, mean, std) for x in debug["x_st"]]
+            save_panel([("source", denormalize(debug["x_s"][0], mean, std)), ("stylized", stylized[0]),
+                        ("target", denormalize(debug["x_t"][0], mean, std))],
+                       self.work_dir / "panels" / f"style_{self.t:06d}.png")
+            for j, image in enumerate(stylized):
+                save_panel([(f"stylized {self.t}", image)], self.work_dir / "stylized" / f"{self.t:06d}_{j}.png", 1)
+        if "x_m" not in debug:
+            return
         save_panel([
             ("source", denormalize(debug["x_s"][0], mean, std)),
             ("target", denormalize(debug["x_t"][0], mean, std)),
@@ -246,11 +341,13 @@ class Trainer:
             "proto_counts": self.proto_counts, "optimizer": self.optimizer.state_dict(),
             "loader": {"next_step": self.t}, "best": dict(self.best),
             "rng": {"torch": torch.get_rng_state()},
+            "style": None if self.style is None else self.style.state_dict(),
         }
 
     def save(self, result):
-        metric = self._metrics(result)[0]
-        value = result[metric]
+        metrics = self._metrics(result)
+        metric = metrics[0] if metrics else None
+        value = result[metric] if metric else float("nan")
         improved = not math.isnan(value) and value > self.best["value"]
         if improved:
             self.best = {"metric": metric, "value": value, "iter": self.t}
@@ -274,3 +371,8 @@ class Trainer:
         self.t = ckpt["loader"]["next_step"]
         self.best = ckpt["best"]
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if (self.style is None) != (ckpt.get("style") is None):
+            raise ConfetiError(f"checkpoint {path} {'lacks' if ckpt.get('style') is None else 'holds'} a style "
+                               f"transfer, unlike this config (cut.enabled, method)")
+        if self.style is not None:
+            self.style.load_state_dict(ckpt["style"], str(path), with_optimizers=self.stage < 2)

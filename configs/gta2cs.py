@@ -23,6 +23,8 @@
     "rcs": {"enabled": True, "temperature": 0.01, "min_pixels": 3000, "min_crop_ratio": 0.5},
     "batch": {"source": 2, "target": 2},
     "stages": {
+        # stage 0 (optional): CUT alone, before stage 1, as the authors did
+        "0": {"crop_size": [512, 512], "iters": 20000},
         "1": {"crop_size": [512, 512], "iters": 80000},
         "2": {"crop_size": [640, 640], "iters": 80000},
     },
@@ -46,6 +48,19 @@
         "warmup_iters": 1500,
         "warmup_ratio": 1e-06,
         "power": 1.0,
+    },
+    # The CUT style-transfer module (SPEC 2, 6); enabled False trains without stylization.
+    "cut": {
+        "enabled": True,
+        "ngf": 64,
+        "ndf": 64,
+        "n_blocks": 9,
+        "nce_dim": 256,
+        "num_patches": 256,
+        "nce_tau": 0.07,
+        "lr": 0.0002,
+        "betas": [0.5, 0.999],
+        "consistency_weight": 0.1,
     },
     "train": {
         "teacher_momentum": 0.999,

@@ -10,7 +10,8 @@ from confeti_fast.trainer import NonFiniteLoss, Trainer
 from test_readers import make_cityscapes, make_gta5, make_synthia
 
 
-def tiny_config(tmp_path, base="demo", **train):
+def tiny_config(tmp_path, base="demo", cut=False, **train):
+    """A tiny run of `base` on generated data; `cut` turns on a 4-channel style transfer."""
     source = load_config(base)["source"]["type"]
     (make_synthia if source == "synthia" else make_gta5)(tmp_path / "source", n=4, h=40, w=48)
     make_cityscapes(tmp_path / "cs", "train", h=40, w=48)
@@ -20,7 +21,8 @@ def tiny_config(tmp_path, base="demo", **train):
         "source": {"root": str(tmp_path / "source"), "resize": [48, 40], "generate": None},
         "target": {"root": str(tmp_path / "cs"), "resize": [48, 40], "generate": None},
         "rcs": {"min_pixels": 30},
-        "stages": {"2": {"crop_size": [32, 32], "iters": 4}},
+        "stages": {str(stage): {"crop_size": [32, 32], "iters": 4} for stage in (0, 1, 2)},
+        "cut": {"enabled": cut, "ngf": 4, "ndf": 4, "num_patches": 16},
         "evaluation": {"scale": [48, 40], "interval": 2},
         "optimizer": {"warmup_iters": 2},
         # every gate opens within the 4 iterations: t > 0 mixed CAM, t > 1 contrast

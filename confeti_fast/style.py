@@ -1,0 +1,99 @@
+"""The style-transfer module: CUT's G, D and F with their optimizers and losses (SPEC 2, 3, 6).
+
+Images cross between the segmentor's ImageNet normalization and CUT's [-1, 1] range through
+`imagenet_to_cut` / `cut_to_imagenet` only, so the conversion is exact and in one place.
+"""
+import torch
+
+from . import ops
+from .models.cut import NCE_LAYERS, build_cut, cut_to_imagenet, imagenet_to_cut, lsgan_loss
+
+
+class StyleTransfer:
+    def __init__(self, cut_cfg, device, mean, std):
+        self.cfg, self.mean, self.std = cut_cfg, mean, std
+        nets = build_cut(cut_cfg["ngf"], cut_cfg["ndf"], cut_cfg["n_blocks"], cut_cfg["nce_dim"],
+                         cut_cfg["num_patches"])
+        self.G, self.D, self.F = (net.to(device) for net in nets)
+        betas = tuple(cut_cfg["betas"])
+        self.opt_G = torch.optim.Adam(list(self.G.parameters()) + list(self.F.parameters()),
+                                      lr=cut_cfg["lr"], betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cut_cfg["lr"], betas=betas)
+
+    def modules(self):
+        return {"G": self.G, "D": self.D, "F": self.F}
+
+    def to_cut(self, x):
+        return imagenet_to_cut(x, self.mean, self.std)
+
+    def to_imagenet(self, x):
+        return cut_to_imagenet(x, self.mean, self.std)
+
+    def freeze(self):
+        """Stage 2: G runs in eval mode without gradients."""
+        for net in self.modules().values():
+            net.eval()
+            for p in net.parameters():
+                p.requires_grad_(False)
+
+    def nce(self, real, fake, gen):
+        """PatchNCE between the encoder features of `real` (keys, detached) and `fake` (queries)
+        at the same 256 positions per layer."""
+        keys, ids = self.F(self.G(real, nce_layers=NCE_LAYERS), generator=gen)
+        queries, _ = self.F(self.G(fake, nce_layers=NCE_LAYERS), patch_ids=ids)
+        return ops.patch_nce(queries, keys, real.shape[0], tau=self.cfg["nce_tau"])
+
+    def d_step(self, real_target, fake, check):
+        """D update with LSGAN: 0.5 [(D(x_t) - 1)^2 + D(G(x_s).detach())^2]. `check` sees the loss
+        before any update (the trainer's non-finite guard)."""
+        self.D.requires_grad_(True)
+        self.opt_D.zero_grad(set_to_none=True)
+        loss = 0.5 * (lsgan_loss(self.D(real_target), True) + lsgan_loss(self.D(fake.detach()), False))
+        check({"cut_d": loss})
+        loss.backward()
+        self.opt_D.step()
+        return loss.detach()
+
+    def g_step(self, real_source, fake, real_target, identity, gen, check, consistency=None):
+        """G and F update: LSGAN(D(G(x_s)), 1) + 0.5 [NCE(x_s, G(x_s)) + NCE(x_t, G(x_t))], plus the
+        consistency loss of step 6, whose backward runs here because it shares G's graph (its
+        reg_proj gradient waits for the segmentor's step)."""
+        self.D.requires_grad_(False)
+        self.opt_G.zero_grad(set_to_none=True)
+        gan = lsgan_loss(self.D(fake), True)
+        nce = 0.5 * (self.nce(real_source, fake, gen) + self.nce(real_target, identity, gen))
+        check({"cut_gan": gan, "cut_nce": nce})
+        (gan + nce + (0.0 if consistency is None else consistency)).backward()
+        self.opt_G.step()
+        self.D.requires_grad_(True)
+        return {"cut_gan": gan.detach(), "cut_nce": nce.detach()}
+
+    def state_dict(self):
+        state = {name: net.state_dict() for name, net in self.modules().items()}
+        state.update(opt_G=self.opt_G.state_dict(), opt_D=self.opt_D.state_dict())
+        return state
+
+    def load_state_dict(self, state, what, with_optimizers=True):
+        from .models import load_model_weights
+
+        for name, net in self.modules().items():
+            load_model_weights(net, state[name], f"{what} [style.{name}]")
+        if with_optimizers:
+            self.opt_G.load_state_dict(state["opt_G"])
+            self.opt_D.load_state_dict(state["opt_D"])
+
+
+def load_style(style, path, with_optimizers=True):
+    """Fill `style` from a confeti_fast training checkpoint (its 'style' entry: G, D, F and, with
+    `with_optimizers`, their Adam states) or from an original CUT `latest_net_G.pth` (G only)."""
+    from .checkpoint import read_checkpoint
+    from .errors import ConfetiError
+    from .models.interop import load_cut_state_dict
+
+    ckpt = read_checkpoint(path, "style-transfer checkpoint")
+    if isinstance(ckpt, dict) and "format" in ckpt:
+        if not ckpt.get("style"):
+            raise ConfetiError(f"checkpoint {path} holds no style transfer (trained without CUT?)")
+        style.load_state_dict(ckpt["style"], str(path), with_optimizers)
+    else:
+        load_cut_state_dict(style.G, path, "CUT generator")
