@@ -6,7 +6,8 @@
 
 CFG is the resolved `config.py` a training run wrote into its work dir, or a preset name.
 CKPT is a checkpoint written by training: a dict with the student's state dict under
-'model' and, optionally, the teacher's under 'teacher'. It is read with
+'model' and, optionally, the teacher's under 'teacher'; or one of the authors' mmseg-format
+checkpoints (keys `model.backbone.*`, `ema_model.*`, ...), converted on the fly. It is read with
 `torch.load(weights_only=True)`, so only tensors and plain literals are accepted.
 
 --label-id-dir writes 8-bit labelId PNGs as `<DIR>/<city>/<city>_<seq>_<frame>_leftImg8bit.png`,
@@ -51,14 +52,17 @@ def _positive_int(text):
 
 
 def load_checkpoint(path):
-    """The checkpoint dict at `path`, read with weights_only=True; ConfetiError otherwise."""
-    from confeti_fast.checkpoint import read_checkpoint
+    """The checkpoint dict at `path`, read with weights_only=True; ConfetiError otherwise.
+    The authors' mmseg-format checkpoints are converted to our layout on the way."""
     from confeti_fast.errors import ConfetiError
+    from confeti_fast.models.interop import convert_mmseg_checkpoint, is_mmseg_checkpoint, read_mmcv_checkpoint
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_mmcv_checkpoint(path, "checkpoint")
     if not isinstance(ckpt, dict):
         raise ConfetiError(f"checkpoint {path} must hold a dict with the weights under 'model', "
                            f"found {type(ckpt).__name__}")
+    if is_mmseg_checkpoint(ckpt):
+        ckpt = convert_mmseg_checkpoint(ckpt, f"authors' checkpoint {path}")
     return ckpt
 
 

@@ -10,7 +10,7 @@
     "rcs": {"min_pixels": 200},
     "stages": {
         "0": {"crop_size": [112, 112], "iters": 200},
-        "1": {"crop_size": [112, 112], "iters": 400},
+        "1": {"crop_size": [112, 112], "iters": 300},
         "2": {"crop_size": [128, 128], "iters": 600},
     },
     "evaluation": {"scale": [320, 160], "slide_crop": [128, 128], "slide_stride": [85, 85], "interval": 200},

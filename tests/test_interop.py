@@ -246,6 +246,22 @@ def test_test_py_selects_converted_weights(nets):
     assert key == "model" and weights is out["model"]
 
 
+def test_test_py_reads_an_authors_file(nets, tmp_path):
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("confeti_test_cli", ROOT / "test.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    path = tmp_path / "iter_40000.pth"
+    torch.save({"meta": {"iter": 40000, "hook_msgs": {"best_score": np.float64(0.5)}},
+                "state_dict": _authors_state_dict(nets)}, path)
+    ckpt = cli.load_checkpoint(path)
+    assert ckpt["iteration"] == 40000
+    key, weights = cli.select_weights(ckpt, path, teacher=True)
+    seg = load_model_weights(DeepLabV2(18, 19), weights, "converted")
+    _equal_state(seg.state_dict(), nets["teacher"].segmentor.state_dict())
+
+
 def test_authors_unplaceable_keys(nets):
     sd = _authors_state_dict(nets)
     sd["cut_model.netG.model.1.weight"] = torch.zeros(1)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import read_checkpoint
 from ..errors import ConfetiError
 from .resnet import ARCH_SETTINGS
 
@@ -87,27 +88,22 @@ def _describe_keys(title, keys):
     return lines
 
 
-def _torch_load(path, what):
-    from ..checkpoint import read_checkpoint
-
-    return read_checkpoint(path, what)
-
-
 def _strip_prefix(state_dict, prefix):
     if any(k.startswith(prefix) for k in state_dict):
         return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
     return state_dict
 
 
-def _extract_state_dict(obj, path, what):
+def extract_state_dict(obj, where):
+    """The tensor state dict in `obj` (itself, or under 'state_dict'); `where` names it in errors."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
-        raise ConfetiError(f"{what} {path} does not hold a state dict (found {type(obj).__name__})")
+        raise ConfetiError(f"{where} does not hold a state dict (found {type(obj).__name__})")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
         raise ConfetiError(
-            f"{what} {path} is not a plain state dict: entries {_examples(map(str, bad))} are not tensors")
+            f"{where} is not a plain state dict: entries {_examples(map(str, bad))} are not tensors")
     return dict(obj)
 
 
@@ -141,7 +137,7 @@ def load_imagenet_backbone(backbone, path):
     """
     what = "ImageNet checkpoint"
     path = Path(path)
-    sd = _extract_state_dict(_torch_load(path, what), path, what)
+    sd = extract_state_dict(read_checkpoint(path, what), f"{what} {path}")
     sd = _strip_prefix(sd, "module.")
     sd = _strip_prefix(sd, "backbone.")
     depth = backbone.depth

@@ -55,18 +55,13 @@ import re
 
 import torch
 
+from ..checkpoint import read_checkpoint
 from ..errors import ConfetiError
-from .checkpoint import _examples, _strip_prefix, load_model_weights
+from .checkpoint import _examples, _strip_prefix, extract_state_dict, load_model_weights
 
 _SEGMENTORS = ("model", "ema_model", "imnet_model")
 _ASPP = re.compile(r"^decode_head\.aspp_modules\.(\d+)\.(?:conv\.)?(weight|bias)$")
 _HEAD = re.compile(r"^(ema_aux_heads|aux_heads)\.(?:\d+\.)?(conv_cam|conv_proj)\.weight$")
-
-
-def _read(path, what):
-    from ..checkpoint import read_checkpoint
-
-    return read_checkpoint(path, what)
 
 
 def _numpy_safe_globals():
@@ -96,20 +91,9 @@ def read_mmcv_checkpoint(path, what="checkpoint"):
     to this read."""
     allowed = _numpy_safe_globals()
     if not allowed or not hasattr(torch.serialization, "safe_globals"):
-        return _read(path, what)
+        return read_checkpoint(path, what)
     with torch.serialization.safe_globals(allowed):
-        return _read(path, what)
-
-
-def _plain_state_dict(obj, where):
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise ConfetiError(f"{where} does not hold a state dict (found {type(obj).__name__})")
-    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if bad:
-        raise ConfetiError(f"{where} is not a plain state dict: entries {_examples(bad)} are not tensors")
-    return dict(obj)
+        return read_checkpoint(path, what)
 
 
 def load_cut_state_dict(module, path, what="CUT checkpoint"):
@@ -119,8 +103,7 @@ def load_cut_state_dict(module, path, what="CUT checkpoint"):
     Keys may carry a `module.` prefix (DataParallel). Missing, unexpected or misshaped keys
     raise a one-line `ConfetiError` naming the file and listing them. Returns `module`.
     """
-    where = f"{what} {path}"
-    sd = _plain_state_dict(_read(path, what), where)
+    sd = extract_state_dict(read_checkpoint(path, what), f"{what} {path}")
     sd = _strip_prefix(sd, "module.")
     return load_model_weights(module, sd, f"{path} ({what})")
 
@@ -156,7 +139,7 @@ def convert_mmseg_checkpoint(state_dict_or_ckpt, what="authors' checkpoint"):
     line listing the first few and their count.
     """
     ckpt = state_dict_or_ckpt
-    sd = _plain_state_dict(ckpt, what)
+    sd = extract_state_dict(ckpt, what)
     sd = _strip_prefix(sd, "module.")
 
     segs = {name: {} for name in _SEGMENTORS}
