@@ -5,7 +5,7 @@ import torch
 from confeti_fast.checkpoint import load_training_checkpoint
 from confeti_fast.errors import ConfetiError
 from confeti_fast.trainer import Trainer
-from test_trainer import _assert_states_equal, tiny_config
+from test_trainer import _assert_states_equal, resume_after_kill, tiny_config
 
 
 def _params(module):
@@ -70,21 +70,9 @@ def test_stage1_resume_is_bitwise_exact_with_cut_state(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, cut=True)
     straight = Trainer(cfg, 1, tmp_path / "straight", progress=False)
     straight.train()
-    save = Trainer.save
-
-    def stop_after_first_checkpoint(self, result):
-        save(self, result)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save", stop_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, 1, tmp_path / "halves", progress=False).train()
-    monkeypatch.setattr(Trainer, "save", save)
-    last = tmp_path / "halves" / "stage1" / "last.pth"
-    ckpt = load_training_checkpoint(last)
+    resumed = resume_after_kill(cfg, 1, tmp_path / "halves", monkeypatch)
+    ckpt = load_training_checkpoint(tmp_path / "halves" / "stage1" / "best.pth")
     assert set(ckpt["style"]) == {"G", "D", "F", "opt_G", "opt_D"} and ckpt["style"]["opt_D"]["state"]
-    resumed = Trainer(cfg, 1, tmp_path / "halves", resume=last, progress=False)
-    resumed.train()
     _assert_states_equal(straight.state(), resumed.state())
     assert (tmp_path / "halves" / "stage1" / "panels" / "style_000004.png").is_file()
     assert (tmp_path / "halves" / "stage1" / "stylized" / "000004_0.png").is_file()

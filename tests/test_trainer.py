@@ -47,26 +47,31 @@ def _assert_states_equal(a, b, path="state"):
         assert a == b, path
 
 
+def resume_after_kill(cfg, stage, work_dir, monkeypatch):
+    """Train, kill the run right after its first checkpoint, resume from it, and finish."""
+    save = Trainer.save
+
+    def stop_after_first_checkpoint(self, result):
+        save(self, result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save", stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, stage, work_dir, progress=False).train()
+    monkeypatch.setattr(Trainer, "save", save)
+    last = work_dir / f"stage{stage}" / "last.pth"
+    assert load_training_checkpoint(last)["iteration"] == cfg["evaluation"]["interval"]
+    resumed = Trainer(cfg, stage, work_dir, resume=last, progress=False)
+    resumed.train()
+    return resumed
+
+
 def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
     straight = Trainer(cfg, 2, tmp_path / "straight", progress=False)
     straight.train()
     assert straight.t == 4 and straight.proto_counts.sum() > 0
-
-    save = Trainer.save
-
-    def stop_after_first_checkpoint(self, result):
-        save(self, result)
-        raise KeyboardInterrupt  # the run is killed right after iteration 2's checkpoint
-
-    monkeypatch.setattr(Trainer, "save", stop_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, 2, tmp_path / "halves", progress=False).train()
-    monkeypatch.setattr(Trainer, "save", save)
-    last = tmp_path / "halves" / "stage2" / "last.pth"
-    assert load_training_checkpoint(last)["iteration"] == 2
-    resumed = Trainer(cfg, 2, tmp_path / "halves", resume=last, progress=False)
-    resumed.train()
+    resumed = resume_after_kill(cfg, 2, tmp_path / "halves", monkeypatch)
     assert resumed.t == 4
     _assert_states_equal(straight.state(), resumed.state())
 
