@@ -5,7 +5,8 @@
 #     OUT=/some/dir bash benchmarks/gpu_suite.sh        # OUT defaults to ./gpu_out
 #
 # Needs torch (CUDA build), pytest and pytest-benchmark; no internet, and no opencv/tqdm:
-# only tests/test_models.py and benchmarks/ run, and they import neither at module level.
+# only the tests with CUDA variants (test_models.py, test_cut.py) and benchmarks/ run, and
+# they import neither at module level.
 # Everything goes under $OUT: env.txt, *.log, test_models.xml, bench_segmentor.json,
 # summary.txt. A failing step does not stop the later ones; the exit status is non-zero
 # at the end if any step failed. Budget: about 6 minutes on an H100.
@@ -95,8 +96,8 @@ else
 fi
 
 # ---------------------------------------------------------------- model tests (CUDA variants run here)
-note "pytest tests/test_models.py"
-timeout -k 15 170 "$PYTHON" -m pytest tests/test_models.py -q -rs -p no:cacheprovider \
+note "pytest tests/test_models.py tests/test_cut.py"
+timeout -k 15 200 "$PYTHON" -m pytest tests/test_models.py tests/test_cut.py -q -rs -p no:cacheprovider \
     --junitxml="$OUT/test_models.xml" 2>&1 | tee "$OUT/test_models.log"
 record test_models $?
 
