@@ -3,6 +3,7 @@
 
     python test.py CFG (CKPT | --random-init) [--teacher] [--mode whole|slide] [--device cpu|cuda]
                    [--show-dir DIR] [--label-id-dir DIR] [--train-id-dir DIR] [--max-images N]
+                   [--kernels fused|reference]
 
 CFG is the resolved `config.py` a training run wrote into its work dir, or a preset name.
 CKPT is a checkpoint written by training: a dict with the student's state dict under
@@ -37,6 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--train-id-dir", type=Path, default=None, help="write trainId PNGs here")
     parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                         help="evaluate only the first N images")
+    parser.add_argument("--kernels", choices=("fused", "reference"), default=None,
+                        help="fused kernels or the plain-PyTorch reference ops, as in train.py "
+                             "(default: $CONFETI_KERNELS or fused); inference itself runs none of them")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -95,11 +99,13 @@ def main(argv=None):
 
     import torch
 
+    from confeti_fast import ops
     from confeti_fast.data.datasets import build_dataset
     from confeti_fast.errors import ConfetiError
     from confeti_fast.evaluation import evaluate, format_table
     from confeti_fast.models import build_segmentor, load_model_weights
 
+    ops.set_kernels(args.kernels)
     if (args.checkpoint is None) == (not args.random_init):
         raise ConfetiError("give either a CKPT file or --random-init (not both)")
 

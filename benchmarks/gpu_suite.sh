@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# GPU check suite for the segmentor: environment report, model tests with CUDA, and the
-# training-step benchmark at paper shapes. Run from anywhere inside the repo on a GPU box:
+# GPU check suite: environment report, build of the compiled extension (CPU + CUDA), the
+# tests with CUDA variants (models, CUT, the fused ops against the reference in fp32 and
+# bf16), the op benchmarks and the segmentor training-step benchmark at paper shapes.
+# Run from anywhere inside the repo on a GPU box:
 #
 #     OUT=/some/dir bash benchmarks/gpu_suite.sh        # OUT defaults to ./gpu_out
 #
-# Needs torch (CUDA build), pytest and pytest-benchmark; no internet, and no opencv/tqdm:
-# only the tests with CUDA variants (test_models.py, test_cut.py) and benchmarks/ run, and
-# they import neither at module level.
-# Everything goes under $OUT: env.txt, *.log, test_models.xml, bench_segmentor.json,
-# summary.txt. A failing step does not stop the later ones; the exit status is non-zero
-# at the end if any step failed. Budget: about 6 minutes on an H100.
+# Needs torch (CUDA build), nvcc, triton, pytest and pytest-benchmark; no internet, and no
+# opencv/tqdm: only tests that import neither at module level run here.
+# Everything goes under $OUT: env.txt, *.log, tests.xml, bench_ops.json, bench_segmentor.json,
+# bench_summary.txt, summary.txt. A failing step does not stop the later ones; the exit
+# status is non-zero at the end if any step failed. Budget: at most 8 minutes on an H100
+# (build ~2, tests ~1, op benchmarks ~2, segmentor benchmark ~3; each step has a timeout).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -85,40 +87,48 @@ print("confeti_fast.models imports beyond torch's:", heavy or "no cv2/tqdm")
 PY
 
 # ---------------------------------------------------------------- build the extension
-# There is no compiled extension yet. When setup.py gains ext_modules, build it in place here.
-if [ -f setup.py ] && grep -q "ext_modules" setup.py; then
-    note "building the extension in place"
-    "$PYTHON" setup.py build_ext --inplace 2>&1 | tee "$OUT/build_ext.log"
-    record build_ext $?
-else
-    note "build the extension: skipped (setup.py defines no ext_modules)"
-    STATUS+=("build_ext: skipped (no ext_modules)")
-fi
+# In place, so PYTHONPATH=$ROOT finds confeti_fast/_C*.so and _C_cuda*.so.
+note "building the extension in place (CPU + CUDA, sm_90)"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-8}
+timeout -k 15 240 "$PYTHON" setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1
+record build_ext $?
+tail -3 "$OUT/build_ext.log" | tee -a "$OUT/suite.log"
+"$PYTHON" -c "from confeti_fast.kernels import contrast, patch_nce, proto_update as p
+print('extension: cpu', p.AVAILABLE, '| cuda', p.CUDA_AVAILABLE, '|', p.LOAD_ERROR)
+print('triton kernels:', contrast.AVAILABLE, patch_nce.AVAILABLE, contrast.LOAD_ERROR or '')" 2>&1 | tee -a "$OUT/suite.log"
 
-# ---------------------------------------------------------------- model tests (CUDA variants run here)
-note "pytest tests/test_models.py tests/test_cut.py"
-timeout -k 15 200 "$PYTHON" -m pytest tests/test_models.py tests/test_cut.py -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/test_models.xml" 2>&1 | tee "$OUT/test_models.log"
-record test_models $?
+# ---------------------------------------------------------------- tests (CUDA variants run here)
+TESTS="tests/test_models.py tests/test_cut.py tests/test_proto_update_op.py tests/test_triton_kernels.py tests/test_ops_switch.py tests/test_ops_reference.py"
+note "pytest $TESTS"
+timeout -k 15 150 "$PYTHON" -m pytest $TESTS -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
+record tests $?
 
 # ---------------------------------------------------------------- benchmarks
-note "pytest benchmarks --benchmark-only"
-timeout -k 15 330 "$PYTHON" -m pytest benchmarks --benchmark-only -q -rs -p no:cacheprovider \
-    --benchmark-json="$OUT/bench_segmentor.json" 2>&1 | tee "$OUT/bench.log"
-record benchmarks $?
+note "pytest benchmarks/test_ops.py -k cuda --benchmark-only"
+timeout -k 15 150 "$PYTHON" -m pytest benchmarks/test_ops.py -k cuda --benchmark-only -q -rs -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench_ops.log"
+record bench_ops $?
+note "pytest benchmarks/test_segmentor_step.py -k 'cuda and not cudagraphs' --benchmark-only"
+timeout -k 15 200 "$PYTHON" -m pytest benchmarks/test_segmentor_step.py -k "cuda and not cudagraphs" --benchmark-only \
+    -q -rs -p no:cacheprovider --benchmark-json="$OUT/bench_segmentor.json" 2>&1 | tee "$OUT/bench_segmentor.log"
+record bench_segmentor $?
 
-if [ -f "$OUT/bench_segmentor.json" ]; then
-    "$PYTHON" - "$OUT/bench_segmentor.json" <<'PY' 2>&1 | tee "$OUT/bench_summary.txt"
+"$PYTHON" - "$OUT"/bench_*.json <<'PY' 2>&1 | tee "$OUT/bench_summary.txt"
 import json, sys
-data = json.load(open(sys.argv[1]))
-for b in data["benchmarks"]:
-    s, e = b["stats"], b["extra_info"]
-    mem = e.get("peak_memory_mb", e.get("peak_rss_mb"))
-    print(f"{b['name']}: median {s['median'] * 1e3:.1f} ms (min {s['min'] * 1e3:.1f}, {s['rounds']} rounds), "
-          f"first step {e.get('first_step_s')} s, peak mem {mem} MB, speedup vs fp32 {e.get('speedup_vs_fp32', '-')}, "
-          f"{e.get('device_name')}")
+for path in sys.argv[1:]:
+    try:
+        data = json.load(open(path))
+    except (OSError, ValueError) as err:
+        print(f"{path}: unreadable ({err})")
+        continue
+    for b in data["benchmarks"]:
+        s, e = b["stats"], b["extra_info"]
+        mem = e.get("peak_extra_mb", e.get("peak_memory_mb", e.get("peak_rss_mb")))
+        ratios = ", ".join(f"{k} {v}x" for k, v in e.items() if k.startswith("speedup"))
+        print(f"{b['name']}: median {s['median'] * 1e3:.3f} ms (min {s['min'] * 1e3:.3f}, {s['rounds']} rounds), "
+              f"peak mem {mem} MB, {ratios or 'no ratio'}, {e.get('device_name')}")
 PY
-fi
 
 # ---------------------------------------------------------------- summary
 {

@@ -5,19 +5,27 @@
     with ops.kernels("reference"): ...     # force the reference for a block
 
 The choice comes from `set_kernels` / the `kernels` context manager, else the environment
-variable CONFETI_KERNELS, else "fused". An op without a fused implementation on this
-machine falls back to the reference with a one-line warning, never to wrong numbers.
+variable CONFETI_KERNELS, else "fused". What "fused" runs depends on the tensors' device:
+
+    op                      CUDA                         CPU
+    pixel_proto_contrast    Triton kernel                torch_fast (cheapest torch path)
+    patch_nce               Triton kernel                torch_fast
+    proto_ema_update        CUDA extension op            C++ extension op
+
+A fused implementation that is missing on this install (no compiled extension, no usable
+Triton) gives a one-line warning and the reference, never a crash or different numbers.
+The Triton kernels run on CPU tensors only under TRITON_INTERPRET=1, called directly from
+`confeti_fast.kernels` (the tests do that).
 """
 import contextlib
 import os
 import sys
 
 from ..errors import ConfetiError
-from . import reference
+from . import reference, torch_fast
 
 MODES = ("fused", "reference")
 OP_NAMES = ("pixel_proto_contrast", "proto_ema_update", "patch_nce")
-_FUSED = {}  # op name -> implementation, registered by the kernel modules when they load
 _selected = None
 _warned = set()
 
@@ -49,28 +57,43 @@ def kernels(mode):
         _selected = previous
 
 
-def implementation(name):
-    """The function `name` runs under the current selection."""
+def _fused(name, device_type):
+    """(implementation, None) or (None, why it is missing) for op `name` on `device_type`."""
+    if name == "proto_ema_update":
+        from ..kernels import proto_update as module
+        if device_type == "cuda":
+            return (module.proto_ema_update, None) if module.CUDA_AVAILABLE else (None, module.CUDA_LOAD_ERROR)
+        return (module.proto_ema_update, None) if module.AVAILABLE else (None, module.LOAD_ERROR)
+    if device_type != "cuda":
+        return getattr(torch_fast, name), None
+    from ..kernels import contrast, patch_nce
+    module = contrast if name == "pixel_proto_contrast" else patch_nce
+    return (getattr(module, name), None) if module.AVAILABLE else (None, module.LOAD_ERROR)
+
+
+def implementation(name, device_type="cpu"):
+    """The function `name` runs under the current selection for tensors on `device_type`."""
     if get_kernels() == "fused":
-        if name in _FUSED:
-            return _FUSED[name]
-        if name not in _warned:
-            _warned.add(name)
-            print(f"warning: confeti_fast has no fused {name} on this install; using the reference op",
-                  file=sys.stderr)
+        function, missing = _fused(name, device_type)
+        if function is not None:
+            return function
+        if (name, device_type) not in _warned:
+            _warned.add((name, device_type))
+            print(f"warning: confeti_fast has no fused {name} for {device_type} on this install ({missing}); "
+                  "using the reference op", file=sys.stderr)
     return getattr(reference, name)
 
 
-def pixel_proto_contrast(*args, **kwargs):
-    return implementation("pixel_proto_contrast")(*args, **kwargs)
+def pixel_proto_contrast(feats, *args, **kwargs):
+    return implementation("pixel_proto_contrast", feats.device.type)(feats, *args, **kwargs)
 
 
-def proto_ema_update(*args, **kwargs):
-    return implementation("proto_ema_update")(*args, **kwargs)
+def proto_ema_update(prototypes, *args, **kwargs):
+    return implementation("proto_ema_update", prototypes.device.type)(prototypes, *args, **kwargs)
 
 
-def patch_nce(*args, **kwargs):
-    return implementation("patch_nce")(*args, **kwargs)
+def patch_nce(q_layers, *args, **kwargs):
+    return implementation("patch_nce", q_layers[0].device.type)(q_layers, *args, **kwargs)
 
 
 pixel_proto_contrast.__doc__ = reference.pixel_proto_contrast.__doc__

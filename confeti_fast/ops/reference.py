@@ -50,6 +50,45 @@ def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, s
     return loss_ce, loss_reg
 
 
+def _selection_inputs(cam, labels, valid):
+    """(weights (B*H*W, K) or None, flat labels, keep mask) as SPEC 4 defines them."""
+    size = labels.shape[-2:]
+    weights = None
+    if cam is not None:
+        weights = _flatten_pixels(F.interpolate(cam.float(), size=size, mode="bilinear", align_corners=True))
+    flat_labels = labels.reshape(-1)
+    keep = flat_labels != IGNORE_INDEX
+    if valid is not None:
+        keep &= valid.reshape(-1).bool()
+    return weights, flat_labels, keep
+
+
+def select_top_k(weights, flat_labels, keep, top_k):
+    """The per-class selection of SPEC 4.
+
+    For every class present among the kept pixels, in increasing order: (c, chosen, w, n) with
+    `chosen` the flat indices (b, y, x) of the `top_k` largest weights, best first (ties to the
+    lower index), `w` their weights, `n` the number of candidates. weights None: all 1.
+    """
+    out = []
+    for c in torch.unique(flat_labels[keep]).tolist():
+        candidates = (keep & (flat_labels == c)).nonzero().squeeze(1)  # ascending flat index
+        if weights is None:
+            w = torch.ones(candidates.numel(), device=flat_labels.device)
+        else:
+            w = weights[candidates, c]
+        # A stable descending sort keeps equal weights in ascending index order: ties go low.
+        order = torch.sort(w, descending=True, stable=True).indices[:top_k]
+        out.append((c, candidates[order], w[order], candidates.numel()))
+    return out
+
+
+@torch.no_grad()
+def proto_selection(cam, labels, valid=None, top_k=32):
+    """`select_top_k` from the raw inputs of `proto_ema_update` (cam upsampled the same way)."""
+    return select_top_k(*_selection_inputs(cam, labels, valid), top_k)
+
+
 @torch.no_grad()
 def proto_ema_update(prototypes, counts, feats, cam, labels, valid=None, momentum=0.999, top_k=32):
     """EMA update of the prototype table (SPEC 4), in place on `prototypes` (K, D) and `counts` (K,).
@@ -61,19 +100,7 @@ def proto_ema_update(prototypes, counts, feats, cam, labels, valid=None, momentu
     """
     size = labels.shape[-2:]
     v = _flatten_pixels(F.interpolate(feats.float(), size=size, mode="bilinear", align_corners=True))
-    weights = None
-    if cam is not None:
-        weights = _flatten_pixels(F.interpolate(cam.float(), size=size, mode="bilinear", align_corners=True))
-    flat_labels = labels.reshape(-1)
-    keep = flat_labels != IGNORE_INDEX
-    if valid is not None:
-        keep &= valid.reshape(-1).bool()
-    for c in torch.unique(flat_labels[keep]).tolist():
-        candidates = (keep & (flat_labels == c)).nonzero().squeeze(1)  # ascending flat index
-        w = torch.ones(candidates.numel(), device=v.device) if weights is None else weights[candidates, c]
-        # A stable descending sort keeps equal weights in ascending index order: ties go low.
-        order = torch.sort(w, descending=True, stable=True).indices[:top_k]
-        w, chosen = w[order], candidates[order]
+    for c, chosen, w, _ in select_top_k(*_selection_inputs(cam, labels, valid), top_k):
         n = int(counts[c])
         alpha = 1.0 if n == 0 else min(1.0 - 1.0 / (n + 1), 1.0 - momentum)
         counts[c] += chosen.numel()

@@ -1,0 +1,58 @@
+"""The cheapest correct plain-PyTorch paths: what "fused" means on a CPU for the contrast and
+PatchNCE ops (the Triton kernels run on CUDA; on a CPU only the interpreter runs them).
+
+Same semantics as `reference`, arranged to do less work and to trace under
+`torch.compile(fullgraph=True)`: no host syncs, no data-dependent shapes once the sample
+indices are given.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .reference import IGNORE_INDEX, patch_nce as _patch_nce_reference, sample_kept_pixels
+
+
+def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, sample_idx=None,
+                         ce_weight=0.5, reg_weight=2.0):
+    """`reference.pixel_proto_contrast`, normalizing only the sampled rows and never building a
+    normalized copy of the whole map (the regulariser's mean is one weighted contraction)."""
+    protos = prototypes.detach().float()
+    num_classes = protos.shape[0]
+    batch, _, height, width = feats.shape
+    flat_labels = labels.reshape(-1)
+    kept = flat_labels != IGNORE_INDEX
+    if sample_idx is None:
+        sample_idx = sample_kept_pixels(flat_labels, num_samples)
+    # sampled rows straight from (B, D, h, w), whatever its memory layout
+    image, pixel = sample_idx // (height * width), sample_idx % (height * width)
+    rows = feats[image, :, pixel // width, pixel % width].float()
+    logits = F.normalize(rows, dim=1) @ protos.t() / tau
+    ce_sum = F.cross_entropy(logits, flat_labels[sample_idx], reduction="sum")
+    loss_ce = ce_weight * ce_sum / max(sample_idx.numel(), 1)
+
+    x = feats.float()
+    inv_norm = x.norm(dim=1).clamp_min(1e-12).reciprocal()  # F.normalize's eps
+    num_kept = kept.sum()
+    pixel_weight = inv_norm * kept.reshape(batch, height, width) / num_kept.clamp_min(1)
+    mean_v = torch.einsum("bdhw,bhw->d", x, pixel_weight)
+    log_probs = F.log_softmax(mean_v @ protos.t() / tau, dim=0)
+    loss_reg = reg_weight * log_probs.sum() / (num_classes * math.log(num_classes))
+    anything_kept = num_kept > 0
+    return (torch.where(anything_kept, loss_ce, loss_ce * 0.0),
+            torch.where(anything_kept, loss_reg, loss_reg * 0.0))
+
+
+def patch_nce(q_layers, k_layers, batch_size, tau=0.07):
+    """`reference.patch_nce` as one batched matmul over all layers when they share a shape (the
+    mean over layers of per-layer means is then the mean over everything)."""
+    shapes = {tuple(q.shape) for q in q_layers} | {tuple(k.shape) for k in k_layers}
+    if len(shapes) != 1:
+        return _patch_nce_reference(q_layers, k_layers, batch_size, tau)
+    rows, channels = q_layers[0].shape
+    patches = rows // batch_size
+    q = torch.stack(list(q_layers)).float().reshape(-1, patches, channels)
+    k = torch.stack([k.detach() for k in k_layers]).float().reshape(-1, patches, channels)
+    logits = torch.bmm(q, k.transpose(1, 2)) / tau
+    target = torch.arange(patches, device=q.device).repeat(q.shape[0])
+    return F.cross_entropy(logits.reshape(-1, patches), target)

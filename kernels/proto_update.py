@@ -1,0 +1,105 @@
+"""The fused prototype EMA update (SPEC 4): loader and wrappers of the compiled op.
+
+The ops live in `confeti_fast._C` (schemas + CPU kernels) and `confeti_fast._C_cuda` (CUDA
+kernels, built when CUDA is). Importing this module never raises: when the extension is
+missing, `AVAILABLE` is False and `LOAD_ERROR` says why.
+
+    torch.ops.confeti_fast.proto_ema_update_(prototypes, counts, feats, cam, labels, valid,
+                                              momentum, top_k) -> ()         # in place
+    torch.ops.confeti_fast.proto_select(cam, labels, valid, num_classes, top_k)
+        -> (indices (K, top_k) int64, -1 padded, best first; candidates (K,) int64)
+"""
+import torch
+
+AVAILABLE = False        # confeti_fast._C loaded: the schemas and the CPU kernels
+CUDA_AVAILABLE = False   # confeti_fast._C_cuda loaded too (says nothing about a GPU being present)
+LOAD_ERROR = None        # why _C did not load
+CUDA_LOAD_ERROR = None   # why _C_cuda did not load
+
+
+def _short(exc):
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+
+
+try:
+    from .. import _C  # noqa: F401  (registers the schemas and the CPU kernels)
+    AVAILABLE = True
+except Exception as exc:  # missing or stale build, ABI mismatch
+    LOAD_ERROR = _short(exc)
+
+if AVAILABLE:
+    try:
+        from .. import _C_cuda  # noqa: F401  (registers the CUDA kernels)
+        CUDA_AVAILABLE = True
+    except Exception as exc:  # not built, or no CUDA runtime on this machine
+        CUDA_LOAD_ERROR = _short(exc)
+
+    def _proto_ema_update_fake(prototypes, counts, feats, cam, labels, valid, momentum, top_k):
+        return None
+
+    def _proto_select_fake(cam, labels, valid, num_classes, top_k):
+        return (labels.new_empty((num_classes, top_k), dtype=torch.int64),
+                labels.new_empty((num_classes,), dtype=torch.int64))
+
+    # Fake (meta) kernels let torch.compile trace through the ops.
+    for _name, _fake in (("proto_ema_update_", _proto_ema_update_fake), ("proto_select", _proto_select_fake)):
+        try:
+            torch.library.register_fake(f"confeti_fast::{_name}", _fake)
+        except RuntimeError as exc:  # already registered (module imported under a second name)
+            if "already" not in str(exc):
+                raise
+
+
+def _as_inputs(labels, valid):
+    if labels.dtype != torch.int64:
+        labels = labels.long()
+    if valid is not None and valid.dtype != torch.bool:
+        valid = valid.bool()
+    return labels, valid
+
+
+def _require():
+    if not AVAILABLE:
+        raise RuntimeError(f"confeti_fast._C is not available ({LOAD_ERROR}); "
+                           "build it with `pip install --no-build-isolation -e .`")
+
+
+def proto_ema_update(prototypes, counts, feats, cam, labels, valid=None, momentum=0.999, top_k=32):
+    """Fused `confeti_fast.ops.reference.proto_ema_update`: same arguments, same result.
+
+    Updates `prototypes` (K, D) float32 and `counts` (K,) int64 in place and returns them.
+    feats / cam: float32, bfloat16 or float16, any strides; cam None means weights 1.
+    """
+    _require()
+    labels, valid = _as_inputs(labels, valid)
+    with torch.no_grad():
+        torch.ops.confeti_fast.proto_ema_update_(prototypes, counts, feats, cam, labels, valid,
+                                                 float(momentum), int(top_k))
+    return prototypes, counts
+
+
+def proto_select(cam, labels, valid=None, num_classes=None, top_k=32):
+    """The pixels the update would keep: (indices, candidates).
+
+    indices: (K, top_k) int64 flat indices into (B, H, W), best first, padded with -1;
+    candidates: (K,) int64, the number of candidate pixels of each class. `num_classes`
+    defaults to cam.shape[1] and is required when cam is None.
+    """
+    _require()
+    if num_classes is None:
+        if cam is None:
+            raise ValueError("proto_select: num_classes is required when cam is None")
+        num_classes = cam.shape[1]
+    labels, valid = _as_inputs(labels, valid)
+    return torch.ops.confeti_fast.proto_select(cam, labels, valid, int(num_classes), int(top_k))
+
+
+def emulate_cuda(prototypes, counts, feats, cam, labels, valid=None, momentum=0.999, top_k=32):
+    """Test hook: the CUDA kernels' algorithm run on the CPU, functional.
+
+    Returns (new prototypes, new counts, indices, candidates).
+    """
+    _require()
+    labels, valid = _as_inputs(labels, valid)
+    return torch.ops.confeti_fast._emulate_cuda_proto_update(prototypes, counts, feats, cam, labels, valid,
+                                                             float(momentum), int(top_k))

@@ -1,0 +1,194 @@
+"""The fused/reference switch, the CPU "fused" torch paths against the reference, and a
+training step over all three ops compiled with torch.compile(fullgraph=True)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from confeti_fast import ops
+from confeti_fast.errors import ConfetiError
+from confeti_fast.kernels import proto_update
+from confeti_fast.ops import reference, torch_fast
+
+needs_extension = pytest.mark.skipif(
+    not proto_update.AVAILABLE, reason=f"compiled extension not importable: {proto_update.LOAD_ERROR}")
+
+
+# ---------------------------------------------------------------- the switch
+
+def test_default_is_fused_and_env_and_context_manager_choose(monkeypatch):
+    monkeypatch.delenv("CONFETI_KERNELS", raising=False)
+    ops.set_kernels(None)
+    assert ops.get_kernels() == "fused"
+    monkeypatch.setenv("CONFETI_KERNELS", "reference")
+    assert ops.get_kernels() == "reference"
+    assert ops.implementation("patch_nce") is reference.patch_nce
+    with ops.kernels("fused"):
+        assert ops.implementation("patch_nce") is torch_fast.patch_nce
+        with ops.kernels("reference"):
+            assert ops.implementation("pixel_proto_contrast") is reference.pixel_proto_contrast
+        assert ops.get_kernels() == "fused"
+    assert ops.get_kernels() == "reference"  # the context manager restored the env's choice
+
+
+def test_bad_choice_names_its_origin(monkeypatch):
+    monkeypatch.setenv("CONFETI_KERNELS", "fast")
+    ops.set_kernels(None)
+    with pytest.raises(ConfetiError, match="CONFETI_KERNELS"):
+        ops.get_kernels()
+    with pytest.raises(ConfetiError, match="--kernels"):
+        ops.set_kernels("triton")
+    with pytest.raises(ConfetiError, match="kernels()"):
+        with ops.kernels("cuda"):
+            pass
+
+
+@needs_extension
+def test_fused_cpu_uses_the_cpp_op(monkeypatch):
+    monkeypatch.delenv("CONFETI_KERNELS", raising=False)
+    assert ops.implementation("proto_ema_update", "cpu") is proto_update.proto_ema_update
+
+
+def test_missing_extension_warns_once_and_gives_reference_numbers(monkeypatch, capsys):
+    monkeypatch.delenv("CONFETI_KERNELS", raising=False)
+    monkeypatch.setattr(proto_update, "AVAILABLE", False)
+    monkeypatch.setattr(proto_update, "LOAD_ERROR", "no module named confeti_fast._C")
+    monkeypatch.setattr(ops, "_warned", set())
+    args = _proto_inputs(torch.Generator().manual_seed(0))
+    expected = [t.clone() for t in args[:2]]
+    reference.proto_ema_update(*expected, *args[2:])
+    for _ in range(2):
+        got = [t.clone() for t in args[:2]]
+        ops.proto_ema_update(*got, *args[2:])
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert "proto_ema_update" in err and "no module named confeti_fast._C" in err and "reference" in err
+
+
+def test_train_and_test_clis_take_kernels():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for script in ("train.py", "test.py"):
+        spec = importlib.util.spec_from_file_location(script[:-3] + "_cli", root / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        extra = ["demo", "--random-init"] if script == "test.py" else []
+        assert module.parse_args(extra + ["--kernels", "reference"]).kernels == "reference"
+        with pytest.raises(SystemExit):
+            module.parse_args(extra + ["--kernels", "triton"])
+
+
+# ---------------------------------------------------------------- CPU fused paths = reference
+
+def _contrast_inputs(gen, batch, dim, height, width, classes, ignored_fraction, channels_last=False):
+    feats = torch.randn(batch, dim, height, width, generator=gen)
+    if channels_last:
+        feats = feats.to(memory_format=torch.channels_last)
+    labels = torch.randint(0, classes, (batch, height, width), generator=gen)
+    labels[torch.rand(batch, height, width, generator=gen) < ignored_fraction] = 255
+    protos = F.normalize(torch.randn(classes, dim, generator=gen), dim=1)
+    return feats.requires_grad_(True), labels, protos
+
+
+@pytest.mark.parametrize("batch,dim,height,width,classes,ignored,channels_last", [
+    (2, 16, 9, 7, 19, 0.3, False),
+    (1, 40, 13, 11, 16, 0.0, True),
+    (3, 8, 5, 5, 19, 0.97, False),
+])
+def test_torch_fast_contrast_matches_reference(batch, dim, height, width, classes, ignored, channels_last):
+    gen = torch.Generator().manual_seed(dim)
+    feats, labels, protos = _contrast_inputs(gen, batch, dim, height, width, classes, ignored, channels_last)
+    idx = reference.sample_kept_pixels(labels, 64, torch.Generator().manual_seed(1))
+    results = []
+    for op in (reference.pixel_proto_contrast, torch_fast.pixel_proto_contrast):
+        feats.grad = None
+        ce, reg = op(feats, labels, protos, sample_idx=idx)
+        (ce + 0.7 * reg).backward()
+        results.append((ce.detach(), reg.detach(), feats.grad.clone()))
+    (ce0, reg0, g0), (ce1, reg1, g1) = results
+    torch.testing.assert_close(ce1, ce0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reg1, reg0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+def test_torch_fast_contrast_everything_ignored():
+    feats, labels, protos = _contrast_inputs(torch.Generator().manual_seed(0), 1, 4, 3, 3, 5, 1.0)
+    ce, reg = torch_fast.pixel_proto_contrast(feats, labels, protos)
+    (ce + reg).backward()
+    assert ce.item() == 0.0 and reg.item() == 0.0
+    assert torch.count_nonzero(feats.grad) == 0
+
+
+def _nce_layers(gen, shapes, batch):
+    qs = [F.normalize(torch.randn(batch * p, c, generator=gen), dim=1).requires_grad_(True) for p, c in shapes]
+    ks = [F.normalize(torch.randn(batch * p, c, generator=gen), dim=1).requires_grad_(True) for p, c in shapes]
+    return qs, ks
+
+
+@pytest.mark.parametrize("shapes", [[(16, 8)] * 5, [(7, 12), (7, 12)], [(16, 8), (9, 8), (16, 4)]])
+def test_torch_fast_patch_nce_matches_reference(shapes):
+    qs, ks = _nce_layers(torch.Generator().manual_seed(len(shapes)), shapes, batch=2)
+    results = []
+    for op in (reference.patch_nce, torch_fast.patch_nce):
+        for t in qs + ks:
+            t.grad = None
+        loss = op(qs, ks, 2)
+        loss.backward()
+        results.append((loss.detach(), [q.grad.clone() for q in qs]))
+        assert all(k.grad is None for k in ks)  # keys are detached
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for g1, g0 in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- torch.compile over the three ops
+
+def _proto_inputs(gen, batch=2, dim=8, small=(5, 6), full=(17, 21), classes=7):
+    protos = F.normalize(torch.randn(classes, dim, generator=gen), dim=1)
+    counts = torch.randint(0, 3, (classes,), generator=gen)
+    feats = torch.randn(batch, dim, *small, generator=gen)
+    cam = torch.rand(batch, classes, *small, generator=gen)
+    labels = torch.randint(0, classes, (batch, *full), generator=gen)
+    labels[:, :2] = 255
+    return protos, counts, feats, cam, labels
+
+
+@needs_extension
+def test_compiled_training_step_fullgraph_matches_eager(monkeypatch):
+    """The forward of one step through all three fused CPU ops, traced without graph breaks
+    (dynamo does not trace .backward(); AOTAutograd compiles the backward graph)."""
+    monkeypatch.delenv("CONFETI_KERNELS", raising=False)
+    gen = torch.Generator().manual_seed(3)
+    batch, dim, classes = 2, 8, 7
+    head = torch.nn.Conv2d(3, dim, 1)
+    torch.nn.init.normal_(head.weight, generator=gen)
+    image = torch.randn(batch, 3, 5, 6, generator=gen)
+    protos0, counts0, _, cam, full_labels = _proto_inputs(gen, batch, dim, classes=classes)
+    labels = torch.randint(0, classes, (batch, 5, 6), generator=gen)
+    labels[0, 0, 0] = 255  # flat index 0: not sampled, but out of the regulariser's mean
+    idx = torch.tensor([1, 5, 7, 20, 33, 41, 59])
+    keys = [F.normalize(torch.randn(batch * 9, dim, generator=gen), dim=1) for _ in range(3)]
+
+    def step(protos, counts):
+        proj = head(image)
+        with torch.no_grad():
+            ops.proto_ema_update(protos, counts, proj.detach(), cam, full_labels, momentum=0.99, top_k=4)
+        ce, reg = ops.pixel_proto_contrast(proj, labels, protos, sample_idx=idx)
+        queries = [F.normalize(proj.flatten(2).transpose(1, 2)[:, :9].reshape(-1, dim) + 0.1 * k, dim=1)
+                   for k in keys]
+        return ce + reg + ops.patch_nce(queries, keys, batch)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        head.zero_grad(set_to_none=True)
+        protos, counts = protos0.clone(), counts0.clone()
+        loss = fn(protos, counts)
+        loss.backward()  # through the compiled backward graph
+        results.append((loss.detach(), protos, counts, head.weight.grad.clone()))
+    (l0, p0, c0, g0), (l1, p1, c1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+    assert torch.equal(c1, c0) and not torch.equal(c0, counts0)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
