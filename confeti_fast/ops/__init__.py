@@ -9,7 +9,7 @@ variable CONFETI_KERNELS, else "fused". What "fused" runs depends on the tensors
 
     op                      CUDA                         CPU
     pixel_proto_contrast    Triton kernel                torch_fast (cheapest torch path)
-    patch_nce               Triton kernel                torch_fast
+    patch_nce               Triton kernel                reference (already the cheapest)
     proto_ema_update        CUDA extension op            C++ extension op
 
 A fused implementation that is missing on this install (no compiled extension, no usable
@@ -65,7 +65,7 @@ def _fused(name, device_type):
             return (module.proto_ema_update, None) if module.CUDA_AVAILABLE else (None, module.CUDA_LOAD_ERROR)
         return (module.proto_ema_update, None) if module.AVAILABLE else (None, module.LOAD_ERROR)
     if device_type != "cuda":
-        return getattr(torch_fast, name), None
+        return getattr(torch_fast, name, getattr(reference, name)), None
     from ..kernels import contrast, patch_nce
     module = contrast if name == "pixel_proto_contrast" else patch_nce
     return (getattr(module, name), None) if module.AVAILABLE else (None, module.LOAD_ERROR)

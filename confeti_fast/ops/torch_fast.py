@@ -1,16 +1,17 @@
-"""The cheapest correct plain-PyTorch paths: what "fused" means on a CPU for the contrast and
-PatchNCE ops (the Triton kernels run on CUDA; on a CPU only the interpreter runs them).
+"""The cheapest correct plain-PyTorch path for the contrast: what "fused" means for it on a CPU
+(the Triton kernels run on CUDA; on a CPU only the interpreter runs them).
 
 Same semantics as `reference`, arranged to do less work and to trace under
 `torch.compile(fullgraph=True)`: no host syncs, no data-dependent shapes once the sample
-indices are given.
+indices are given. (For PatchNCE the reference, one batched matmul per layer, is already the
+cheapest CPU path: stacking the layers into one matmul measured no faster and copies them.)
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .reference import IGNORE_INDEX, patch_nce as _patch_nce_reference, sample_kept_pixels
+from .reference import IGNORE_INDEX, sample_kept_pixels
 
 
 def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, sample_idx=None,
@@ -41,18 +42,3 @@ def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, s
     anything_kept = num_kept > 0
     return (torch.where(anything_kept, loss_ce, loss_ce * 0.0),
             torch.where(anything_kept, loss_reg, loss_reg * 0.0))
-
-
-def patch_nce(q_layers, k_layers, batch_size, tau=0.07):
-    """`reference.patch_nce` as one batched matmul over all layers when they share a shape (the
-    mean over layers of per-layer means is then the mean over everything)."""
-    shapes = {tuple(q.shape) for q in q_layers} | {tuple(k.shape) for k in k_layers}
-    if len(shapes) != 1:
-        return _patch_nce_reference(q_layers, k_layers, batch_size, tau)
-    rows, channels = q_layers[0].shape
-    patches = rows // batch_size
-    q = torch.stack(list(q_layers)).float().reshape(-1, patches, channels)
-    k = torch.stack([k.detach() for k in k_layers]).float().reshape(-1, patches, channels)
-    logits = torch.bmm(q, k.transpose(1, 2)) / tau
-    target = torch.arange(patches, device=q.device).repeat(q.shape[0])
-    return F.cross_entropy(logits.reshape(-1, patches), target)
