@@ -3,7 +3,8 @@
 
     python train.py [--config PRESET_OR_FILE] [--stage 0|1|2] [--work-dir DIR]
                     [--resume auto|PATH] [--kernels fused|reference] [--iters N]
-                    [--cut-checkpoint PATH]
+                    [--cut-checkpoint PATH] [--amp bf16|fp32] [--[no-]channels-last]
+                    [--compile MODE | --no-compile] [--[no-]fused-optimizer] [--check-finite step|log]
 
 With no arguments: the demo preset on the embedded demo data (generated on first use),
 stage 1 then stage 2, ending with the target mIoU. Outputs go to WORK_DIR/stage<N>/:
@@ -29,6 +30,18 @@ def parse_args(argv=None):
     parser.add_argument("--kernels", choices=("fused", "reference"), default=None,
                         help="fused kernels or the plain-PyTorch reference ops (default: $CONFETI_KERNELS or fused)")
     parser.add_argument("--iters", type=int, default=None, help="override the stage's iteration count")
+    fast = parser.add_argument_group(
+        "runtime", "how the step executes; default: the config's runtime section, else the device's "
+                   "default (CPU: fp32 eager; CUDA: bf16, channels_last, compile reduce-overhead, fused AdamW)")
+    fast.add_argument("--amp", choices=("bf16", "fp32"), default=None, help="bf16 autocast (fp32 master weights)")
+    fast.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    fast.add_argument("--compile", default=None, metavar="MODE",
+                      choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                      help="torch.compile mode for the backbones, G and D")
+    fast.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="run eager")
+    fast.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None)
+    fast.add_argument("--check-finite", choices=("step", "log"), default=None,
+                      help="check losses for NaN/inf every step (a host sync) or when the log reads them")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -42,6 +55,10 @@ def main(argv=None):
     if args.iters is not None and args.iters < 1:
         raise ConfetiError(f"--iters must be positive, got {args.iters}")
     cfg = load_config(args.config)
+    runtime = {key: getattr(args, key) for key in ("amp", "channels_last", "compile", "fused_optimizer", "check_finite")
+               if getattr(args, key) is not None}
+    if runtime.get("compile") == "off":
+        runtime["compile"] = None
     styled = cfg["method"] == "confeti" and cfg["cut"]["enabled"]
     stages = [args.stage] if args.stage is not None else ([1, 2] if styled else [2])
     if args.resume not in (None, "auto") and len(stages) > 1:
@@ -52,6 +69,8 @@ def main(argv=None):
     from confeti_fast.trainer import Trainer
 
     ops.set_kernels(args.kernels)
+    if runtime:
+        cfg = merge(cfg, {"runtime": runtime})
     work_dir = args.work_dir or Path("work_dirs") / cfg["name"]
     result = None
     for stage in stages:

@@ -43,6 +43,16 @@ REQUIRED_KEYS = {
     "train": dict,
     "cut": dict,
 }
+# Optional top-level keys: `runtime` (how the step executes, see runtime.py), each choice
+# "auto" (the device's default) or one of these values.
+OPTIONAL_KEYS = {"runtime": dict}
+RUNTIME_CHOICES = {
+    "amp": ("fp32", "bf16"),
+    "channels_last": (False, True),
+    "compile": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "fused_optimizer": (False, True),
+    "check_finite": ("step", "log"),
+}
 METHODS = ("confeti", "source_only")
 EVAL_CLASS_SETS = ("all", "synthia16")
 DATASET_TYPES = ("gta5", "cityscapes", "synthia")
@@ -108,15 +118,27 @@ def load_config(preset_or_path, overrides=None):
     return cfg
 
 
+def _validate_runtime(runtime, origin):
+    if not isinstance(runtime, dict):
+        raise ConfetiError(f"{origin}: 'runtime' must be a dict, got {runtime!r}")
+    for key, value in runtime.items():
+        if key not in RUNTIME_CHOICES:
+            raise ConfetiError(f"{origin}: unknown runtime key '{key}'; known: {', '.join(RUNTIME_CHOICES)}")
+        if value != "auto" and value not in RUNTIME_CHOICES[key]:
+            raise ConfetiError(f"{origin}: runtime.{key} must be 'auto' or one of {RUNTIME_CHOICES[key]}, "
+                               f"got {value!r}")
+
+
 def validate_config(cfg, origin="config"):
     for key, kind in REQUIRED_KEYS.items():
         if key not in cfg:
             raise ConfetiError(f"{origin}: missing key '{key}'")
         if not isinstance(cfg[key], kind):
             raise ConfetiError(f"{origin}: '{key}' must be a {kind.__name__}, got {cfg[key]!r}")
-    unknown = sorted(set(cfg) - set(REQUIRED_KEYS))
+    unknown = sorted(set(cfg) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
         raise ConfetiError(f"{origin}: unknown key(s) {', '.join(unknown)}")
+    _validate_runtime(cfg.get("runtime", {}), origin)
     if cfg["method"] not in METHODS:
         raise ConfetiError(f"{origin}: method must be one of {METHODS}, got {cfg['method']!r}")
     if cfg["eval_classes"] not in EVAL_CLASS_SETS:

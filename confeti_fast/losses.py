@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from .data.labels import IGNORE_INDEX
 from .models import upsample_logits
+from .runtime import constant
 
 
 def seg_ce(logits, labels, weight=None):
@@ -47,10 +48,10 @@ def feature_distance(student_features, imnet_features, labels, thing_classes, nu
     """Mean L2 distance between student and ImageNet layer-4 features over the cells whose
     downscaled label is a thing class. 0 when no cell is (DAFormer's mean would be NaN)."""
     cells = downscale_label_ratio(labels, student_features.shape[-2:], min_ratio, num_classes)
-    mask = torch.isin(cells, torch.tensor(thing_classes, device=cells.device))
+    mask = torch.isin(cells, constant(thing_classes, cells.device))
     dist = torch.norm(student_features.float() - imnet_features.float(), dim=1, p=2)
-    picked = dist[mask]
-    return picked.mean() if picked.numel() else dist.sum() * 0.0
+    # a masked mean (no boolean indexing: that would sync the host)
+    return (dist * mask).sum() / mask.sum().clamp_min(1)
 
 
 def nearest_downsample(labels, size):

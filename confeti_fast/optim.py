@@ -2,13 +2,14 @@
 import torch
 
 
-def build_optimizer(backbone_params, head_params, opt_cfg):
-    """AdamW with two groups: the backbone at lr, heads and reg_proj at lr x head_lr_mult."""
+def build_optimizer(backbone_params, head_params, opt_cfg, fused=False):
+    """AdamW with two groups: the backbone at lr, heads and reg_proj at lr x head_lr_mult.
+    `fused`: one kernel for the whole update (the CUDA default, see runtime.py)."""
     lr = opt_cfg["lr"]
     return torch.optim.AdamW(
         [{"params": list(backbone_params), "lr": lr, "base_lr": lr},
          {"params": list(head_params), "lr": lr * opt_cfg["head_lr_mult"], "base_lr": lr * opt_cfg["head_lr_mult"]}],
-        lr=lr, betas=tuple(opt_cfg["betas"]), weight_decay=opt_cfg["weight_decay"],
+        lr=lr, betas=tuple(opt_cfg["betas"]), weight_decay=opt_cfg["weight_decay"], fused=fused or None,
     )
 
 

@@ -10,15 +10,16 @@ from .models.cut import NCE_LAYERS, build_cut, cut_to_imagenet, imagenet_to_cut,
 
 
 class StyleTransfer:
-    def __init__(self, cut_cfg, device, mean, std):
+    def __init__(self, cut_cfg, device, mean, std, fused=False):
         self.cfg, self.mean, self.std = cut_cfg, mean, std
         nets = build_cut(cut_cfg["ngf"], cut_cfg["ndf"], cut_cfg["n_blocks"], cut_cfg["nce_dim"],
                          cut_cfg["num_patches"])
         self.G, self.D, self.F = (net.to(device) for net in nets)
         betas = tuple(cut_cfg["betas"])
+        fused = fused or None  # None: torch's default (foreach)
         self.opt_G = torch.optim.Adam(list(self.G.parameters()) + list(self.F.parameters()),
-                                      lr=cut_cfg["lr"], betas=betas)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cut_cfg["lr"], betas=betas)
+                                      lr=cut_cfg["lr"], betas=betas, fused=fused)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cut_cfg["lr"], betas=betas, fused=fused)
 
     def modules(self):
         return {"G": self.G, "D": self.D, "F": self.F}

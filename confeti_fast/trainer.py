@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, runtime
 from .checkpoint import FORMAT, load_training_checkpoint, save_atomic
-from .config import dump_config
+from .config import dump_config, merge
 from .data.augment import class_mix_masks, mix, strong_augment
 from .data.datasets import build_dataset
 from .data.labels import THING_CLASSES
@@ -25,7 +25,7 @@ from .evaluation import evaluate
 from .losses import cam_loss, feature_distance, nearest_downsample, seg_ce
 from .models import load_model_weights, upsample_logits
 from .models.heads import ConfetiNet, reg_proj
-from .ops.reference import sample_kept_pixels
+from .ops.reference import sample_pixels
 from .optim import build_optimizer, set_lr, update_teacher
 from .visualize import denormalize, label_picture, plot_curves, save_panel, weight_picture
 
@@ -49,8 +49,10 @@ def pseudo_labels(teacher_logits, size, threshold, ignore_top, ignore_bottom):
 
 class Trainer:
     def __init__(self, cfg, stage, work_dir, device=None, resume=None, progress=True, cut_checkpoint=None):
-        self.cfg, self.stage, self.progress = cfg, stage, progress
+        self.stage, self.progress = stage, progress
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.runtime = runtime.resolve(cfg.get("runtime"), self.device.type)
+        self.cfg = cfg = merge(cfg, {"runtime": self.runtime})  # the run's config.py records the choices
         self.work_dir = Path(work_dir) / f"stage{stage}"
         self.max_iters = cfg["stages"][str(stage)]["iters"]
         tcfg, num_classes = cfg["train"], cfg["num_classes"]
@@ -66,8 +68,12 @@ class Trainer:
         self.optimizer = build_optimizer(
             (p for p in self.student.parameters() if id(p) not in head_ids),
             [p for m in self.student.head_modules() for p in m.parameters()] + list(self.reg_proj.parameters()),
-            cfg["optimizer"])
+            cfg["optimizer"], fused=self.runtime["fused_optimizer"])
         self.style = self._build_style(cut_checkpoint)
+        # The backbones hold nearly all the compute: they are what gets compiled.
+        for net in (self.student, self.teacher):
+            runtime.prepare_module(net, self.runtime, compiled=net.segmentor.backbone)
+        runtime.prepare_module(self.imnet, self.runtime, compiled=self.imnet.backbone)
         self.steps = PairedSteps(cfg, stage, progress=progress)
         self.val_set = build_dataset(cfg["target"], "val")
         self.t = 0
@@ -85,7 +91,8 @@ class Trainer:
             return None
         from .style import StyleTransfer, load_style
 
-        style = StyleTransfer(self.cfg["cut"], self.device, self.cfg["pipeline"]["mean"], self.cfg["pipeline"]["std"])
+        style = StyleTransfer(self.cfg["cut"], self.device, self.cfg["pipeline"]["mean"], self.cfg["pipeline"]["std"],
+                              fused=self.runtime["fused_optimizer"])
         source = cut_checkpoint
         if source is None and self.stage > 0:
             previous = self.work_dir.parent / f"stage{self.stage - 1}" / "last.pth"
@@ -100,6 +107,8 @@ class Trainer:
             print(f"style transfer: G/D/F from {source}", flush=True)
         if self.stage == 2:
             style.freeze()
+        for net in (style.G, style.D):
+            runtime.prepare_module(net, self.runtime)
         return style
 
     @staticmethod
@@ -112,11 +121,16 @@ class Trainer:
     # ------------------------------------------------------------------ one iteration
     def step(self, batch, t):
         """Run iteration t on a loader batch; returns the loss values (tensors) by name."""
+        with runtime.autocast(self.runtime, self.device.type):
+            return self._step(batch, t)
+
+    def _step(self, batch, t):
         cfg, tcfg = self.cfg, self.cfg["train"]
         gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + t)
-        x_s = batch["source_image"].to(self.device, non_blocking=True)
+        x_s = runtime.prepare_input(batch["source_image"].to(self.device, non_blocking=True), self.runtime)
         y_s = batch["source_label"].to(self.device, non_blocking=True)
-        x_t = batch["target_image"].to(self.device, non_blocking=True)
+        x_t = runtime.prepare_input(batch["target_image"].to(self.device, non_blocking=True), self.runtime)
+        runtime.mark_step_begin(self.runtime)
         set_lr(self.optimizer, t, self.max_iters, cfg["optimizer"])
         self.optimizer.zero_grad(set_to_none=True)
         self.student.train()
@@ -211,7 +225,7 @@ class Trainer:
     def _contrast(self, proj, labels, gen):
         ccfg = self.cfg["train"]["contrast"]
         small = nearest_downsample(labels, proj.shape[-2:])
-        sample_idx = sample_kept_pixels(small, ccfg["num_samples"], gen)
+        sample_idx = sample_pixels(small, ccfg["num_samples"], gen)
         return ops.pixel_proto_contrast(proj, small, self.prototypes, tau=ccfg["tau"],
                                         num_samples=ccfg["num_samples"], sample_idx=sample_idx,
                                         ce_weight=ccfg["ce_weight"], reg_weight=ccfg["reg_weight"])
@@ -223,9 +237,10 @@ class Trainer:
         frozen = {name: p.detach() for name, p in self.student.named_parameters()}
         frozen.update({name: b.clone() for name, b in self.student.named_buffers()})
         protos = self.prototypes.detach()
-        stylized = torch.func.functional_call(self.student, frozen, (x_st,))["proj"]
-        with torch.no_grad():
-            original = torch.func.functional_call(self.student, frozen, (x_s,))["proj"]
+        with runtime.eager():  # swapped-in weights would make the compiled backbone recompile
+            stylized = torch.func.functional_call(self.student, frozen, (x_st,))["proj"]
+            with torch.no_grad():
+                original = torch.func.functional_call(self.student, frozen, (x_s,))["proj"]
             target = torch.einsum("bdhw,kd->bkhw", original.float(), protos)
         similarity = torch.einsum("bdhw,kd->bkhw", self.reg_proj(stylized).float(), protos)
         return self.cfg["cut"]["consistency_weight"] * F.mse_loss(similarity, target)
@@ -241,11 +256,28 @@ class Trainer:
         return losses, {"x_s": x_s, "x_t": x_t, "x_st": style.to_imagenet(fake)}
 
     def _check_finite(self, losses, t):
+        """Stop before the update on a NaN/inf loss. With runtime.check_finite 'log' (the CUDA
+        default) this per-step check, a host sync, is skipped: `_log_means` checks instead."""
+        if self.runtime["check_finite"] != "step":
+            return
         for name, value in losses.items():
             if not torch.isfinite(value):
                 raise NonFiniteLoss(
                     f"loss '{name}' is {float(value.detach())} at iteration {t}; training stopped before "
                     f"the update, the last checkpoint in {self.work_dir} is intact")
+
+    def _read_means(self, sums, counts, first, last):
+        """The mean of each loss over iterations first..last-1, in one device-to-host copy; a
+        non-finite mean stops the run (the per-step check is off in check_finite 'log' mode)."""
+        values = torch.stack([torch.as_tensor(v).reshape(()) for v in sums.values()]).tolist()
+        means = {name: value / counts[name] for name, value in zip(sums, values)}
+        for name, value in means.items():
+            if not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"loss '{name}' became {value} between iterations {first} and {last - 1}; training stopped, "
+                    f"the last checkpoint in {self.work_dir} is intact (set runtime.check_finite 'step' to stop "
+                    f"before the first bad update)")
+        return means
 
     def _backward(self, losses, names, t):
         self._check_finite({name: losses[name] for name in names}, t)
@@ -267,12 +299,12 @@ class Trainer:
             t = batch["step"]
             losses, debug = self.step(batch, t)
             self.t = t + 1
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            for name, value in losses.items():  # summed on the device: read back once per log
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
                 counts[name] = counts.get(name, 0) + 1
             done += 1
             if self.t % tcfg["log_interval"] == 0 or self.t == self.max_iters:
-                means = {k: v / counts[k] for k, v in sums.items()}
+                means = self._read_means(sums, counts, self.t - done, self.t)
                 record = {"iter": self.t, "lr": self.optimizer.param_groups[0]["lr"],
                           "it_per_s": done / (time.perf_counter() - started)}
                 record.update({k if k == "q" else f"loss/{k}": v for k, v in means.items()})

@@ -411,16 +411,23 @@ CF_HD double ema_alpha(int64_t n, double momentum) {
   return a < b ? a : b;
 }
 
-// mu_d = sum_r w_r v_r[d] / wsum for one channel d, in list order.
+// sum_r w_r v_r[d] for one channel d, in list order (the class-statistics output).
 template <typename TF>
-CF_HD float centroid_component(const UpdateArgs& a, const Tap* taps, const float* w, int m, float wsum, int64_t d) {
+CF_HD float weighted_component(const UpdateArgs& a, const Tap* taps, const float* w, int m, int64_t d) {
   const TF* base = static_cast<const TF*>(a.feats) + d * a.fd;
   float acc = 0.0f;
   for (int r = 0; r < m; ++r) {
     const float v = bilinear(base + taps[r].b * a.fb, a.fy, a.fx, taps[r].ly, taps[r].lx);
     acc = cf_add(acc, cf_mul(w[r], v));
   }
-  return cf_div(acc, wsum);
+  return acc;
+}
+
+// mu_d = sum_r w_r v_r[d] / wsum; the stats path divides the same two floats, so with an
+// identity reduction it is bitwise the one-shot op.
+template <typename TF>
+CF_HD float centroid_component(const UpdateArgs& a, const Tap* taps, const float* w, int m, float wsum, int64_t d) {
+  return cf_div(weighted_component<TF>(a, taps, w, m, d), wsum);
 }
 
 // Centroid block phase 1: decode the kept entries (list order) of class c.
@@ -444,19 +451,33 @@ CF_HD void tree_step(float* part, int s, int tid) {
 // Whether class c's row moves, and its EMA coefficients.
 struct ClassPlan {
   bool present, update;
-  int kept;
+  int64_t kept;  // int64: after a cross-rank reduction it can exceed top_k
   float keep_old, take_new;  // (1 - alpha) and alpha, as torch casts the Python scalars
 };
 
-CF_HD ClassPlan class_plan(const UpdateArgs& a, const uint64_t* list, int64_t n_cand, int64_t n_before) {
+// From a class's (possibly reduced) statistics: kept pixels and their weight sum.
+CF_HD ClassPlan class_plan_stats(int64_t kept, float wsum, int64_t n_before, double momentum) {
   ClassPlan p;
-  p.present = n_cand > 0;
-  p.kept = kept_count(n_cand, a.top_k);
-  p.update = p.present && class_wsum(list, p.kept) != 0.0f;
-  const double alpha = ema_alpha(n_before, a.momentum);
+  p.present = kept > 0;
+  p.kept = kept;
+  p.update = p.present && wsum != 0.0f;
+  const double alpha = ema_alpha(n_before, momentum);
   p.take_new = static_cast<float>(alpha);
   p.keep_old = static_cast<float>(1.0 - alpha);
   return p;
+}
+
+CF_HD ClassPlan class_plan(const UpdateArgs& a, const uint64_t* list, int64_t n_cand, int64_t n_before) {
+  const int m = kept_count(n_cand, a.top_k);
+  return class_plan_stats(m, class_wsum(list, m), n_before, a.momentum);
+}
+
+// Apply phase 0: mu_d = weighted_sum[d] / weight_sum for the channels this thread owns in the
+// finish phases (same d = tid, tid + nt, ...), so no barrier is needed before them.
+CF_HD void stats_mu(const UpdateArgs& a, const ClassPlan& p, const float* ws_row, float wsum, float* mu_row,
+                    int tid, int nt) {
+  if (!p.update) return;
+  for (int64_t d = tid; d < a.D; d += nt) mu_row[d] = cf_div(ws_row[d], wsum);
 }
 
 // Finish phase 1: this thread's share of |mu|^2.
@@ -528,10 +549,24 @@ struct CudaScratch {
   float* mu;
 };
 
-// Enqueues the selection and, when `update` is non-null, the update of update->protos /
-// update->counts; when sel_idx is non-null, writes the selection (K, k) and counts (K,).
-// `stream` is a cudaStream_t. Returns a cudaError_t (0: launched).
+// Per-class statistics, contiguous: weighted_sum (K, D), weight_sum (K,), kept (K,).
+struct StatsOut {
+  float* weighted_sum;
+  float* weight_sum;
+  int64_t* kept;
+};
+
+// Enqueues the selection, then, when `update` is non-null: with stats null, the update of
+// update->protos / update->counts; with stats non-null, the class statistics (update then only
+// gives the features and D; protos / counts are unused). When sel_idx is non-null, writes the
+// selection (K, k) and counts (K,). `stream` is a cudaStream_t. Returns a cudaError_t (0: launched).
 int launch_proto_update(const SelectArgs& select, int cam_dtype, const UpdateArgs* update, int feats_dtype,
-                        int64_t* sel_idx, int64_t* sel_cnt, const CudaScratch& scratch, void* stream);
+                        int64_t* sel_idx, int64_t* sel_cnt, const StatsOut* stats, const CudaScratch& scratch,
+                        void* stream);
+
+// Enqueues the EMA of table.protos / table.counts from (reduced) statistics laid out as in
+// StatsOut; mu is (K, D) scratch. Returns a cudaError_t.
+int launch_proto_ema_apply(const UpdateArgs& table, const float* weighted_sum, const float* weight_sum,
+                           const int64_t* kept, float* mu, void* stream);
 
 }  // namespace cf

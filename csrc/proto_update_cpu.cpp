@@ -167,11 +167,26 @@ struct SelectEmulated {
   static Selection run(const SelectArgs& a, const at::Tensor& l) { return select_cuda_emulated<TC>(a, l); }
 };
 
+// The finish block of class c with emulated threads: |mu|, EMA, row normalization, count.
+void finish_cpu(const UpdateArgs& a, const cf::ClassPlan& plan, const float* mu_row, int64_t c, int64_t n_before) {
+  const int T = cf::kRedThreads;
+  float part[cf::kRedThreads];
+  for (int t = 0; t < T; ++t) part[t] = cf::finish_mu_sumsq(a, plan, mu_row, t, T);
+  for (int st = T / 2; st > 0; st >>= 1)
+    for (int t = 0; t < st; ++t) cf::tree_step(part, st, t);
+  const float mu_norm = cf::norm_denominator(part[0]);
+  for (int t = 0; t < T; ++t) part[t] = cf::finish_ema(a, plan, mu_row, mu_norm, static_cast<int>(c), t, T);
+  for (int st = T / 2; st > 0; st >>= 1)
+    for (int t = 0; t < st; ++t) cf::tree_step(part, st, t);
+  const float row_norm = cf::norm_denominator(part[0]);
+  for (int t = 0; t < T; ++t) cf::finish_normalize(a, row_norm, static_cast<int>(c), t, T);
+  if (plan.present) a.counts[c * a.cs] = n_before + plan.kept;
+}
+
 // The per-class update: the CUDA centroid and finish blocks, threads emulated in a loop.
 template <typename TF>
 void update_cpu(const UpdateArgs& a, const Selection& s) {
   const int64_t K = a.K, k = a.top_k, D = a.D;
-  const int T = cf::kRedThreads;
   const uint64_t* keys = key_ptr(s.keys);
   const int64_t* ncand = s.counts.data_ptr<int64_t>();
   at::Tensor mu = at::empty({K, D}, s.counts.options().dtype(at::kFloat));
@@ -179,29 +194,56 @@ void update_cpu(const UpdateArgs& a, const Selection& s) {
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     std::vector<cf::Tap> taps(k);
     std::vector<float> w(k);
-    float part[cf::kRedThreads];
     for (int64_t c = k0; c < k1; ++c) {
       const uint64_t* list = keys + c * k;
       const int64_t n_before = a.counts[c * a.cs];
       const cf::ClassPlan plan = cf::class_plan(a, list, ncand[c], n_before);
       float* mu_row = mu_p + c * D;
       if (plan.update) {  // centroid blocks
-        cf::centroid_decode(a, list, plan.kept, taps.data(), w.data(), 0, 1);
-        const float wsum = cf::class_wsum(list, plan.kept);
-        for (int64_t d = 0; d < D; ++d)
-          mu_row[d] = cf::centroid_component<TF>(a, taps.data(), w.data(), plan.kept, wsum, d);
+        const int m = static_cast<int>(plan.kept);
+        cf::centroid_decode(a, list, m, taps.data(), w.data(), 0, 1);
+        const float wsum = cf::class_wsum(list, m);
+        for (int64_t d = 0; d < D; ++d) mu_row[d] = cf::centroid_component<TF>(a, taps.data(), w.data(), m, wsum, d);
       }
-      // finish block
-      for (int t = 0; t < T; ++t) part[t] = cf::finish_mu_sumsq(a, plan, mu_row, t, T);
-      for (int st = T / 2; st > 0; st >>= 1)
-        for (int t = 0; t < st; ++t) cf::tree_step(part, st, t);
-      const float mu_norm = cf::norm_denominator(part[0]);
-      for (int t = 0; t < T; ++t) part[t] = cf::finish_ema(a, plan, mu_row, mu_norm, static_cast<int>(c), t, T);
-      for (int st = T / 2; st > 0; st >>= 1)
-        for (int t = 0; t < st; ++t) cf::tree_step(part, st, t);
-      const float row_norm = cf::norm_denominator(part[0]);
-      for (int t = 0; t < T; ++t) cf::finish_normalize(a, row_norm, static_cast<int>(c), t, T);
-      if (plan.present) a.counts[c * a.cs] = n_before + plan.kept;
+      finish_cpu(a, plan, mu_row, c, n_before);
+    }
+  });
+}
+
+// Per-class statistics of the selection (the CUDA stats blocks): weighted_sum (K, D),
+// weight_sum (K,), kept (K,), contiguous; the sums in list order, as update_cpu's.
+template <typename TF>
+void stats_cpu(const UpdateArgs& a, const Selection& s, float* ws, float* wsum, int64_t* kept) {
+  const int64_t K = a.K, k = a.top_k, D = a.D;
+  const uint64_t* keys = key_ptr(s.keys);
+  const int64_t* ncand = s.counts.data_ptr<int64_t>();
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<cf::Tap> taps(k);
+    std::vector<float> w(k);
+    for (int64_t c = k0; c < k1; ++c) {
+      const uint64_t* list = keys + c * k;
+      const int m = cf::kept_count(ncand[c], static_cast<int>(k));
+      cf::centroid_decode(a, list, m, taps.data(), w.data(), 0, 1);
+      for (int64_t d = 0; d < D; ++d) ws[c * D + d] = cf::weighted_component<TF>(a, taps.data(), w.data(), m, d);
+      wsum[c] = cf::class_wsum(list, m);
+      kept[c] = m;
+    }
+  });
+}
+
+// The EMA from (reduced) statistics: per class the stats_mu phase, then the finish block.
+void apply_cpu(const UpdateArgs& a, const cf::StatsIn& st) {
+  const int64_t K = a.K, D = a.D;
+  const float* ws = st.weighted_sum.data_ptr<float>();
+  const float* wsum = st.weight_sum.data_ptr<float>();
+  const int64_t* kept = st.kept.data_ptr<int64_t>();
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> mu(D);
+    for (int64_t c = k0; c < k1; ++c) {
+      const int64_t n_before = a.counts[c * a.cs];
+      const cf::ClassPlan plan = cf::class_plan_stats(kept[c], wsum[c], n_before, a.momentum);
+      cf::stats_mu(a, plan, ws + c * D, wsum[c], mu.data(), 0, 1);
+      finish_cpu(a, plan, mu.data(), c, n_before);
     }
   });
 }
@@ -211,6 +253,14 @@ void dispatch_update(const UpdateArgs& a, const at::Tensor& feats, const Selecti
   if (tag == cf::kBF16) update_cpu<cf::bf16_t>(a, s);
   else if (tag == cf::kF16) update_cpu<cf::f16_t>(a, s);
   else update_cpu<float>(a, s);
+}
+
+void dispatch_stats(const UpdateArgs& a, const at::Tensor& feats, const Selection& s, float* ws, float* wsum,
+                    int64_t* kept) {
+  const int tag = cf::dtype_tag(feats, "proto_class_stats", "feats");
+  if (tag == cf::kBF16) stats_cpu<cf::bf16_t>(a, s, ws, wsum, kept);
+  else if (tag == cf::kF16) stats_cpu<cf::f16_t>(a, s, ws, wsum, kept);
+  else stats_cpu<float>(a, s, ws, wsum, kept);
 }
 
 void check_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -249,6 +299,35 @@ std::tuple<at::Tensor, at::Tensor> proto_select_cpu(const std::optional<at::Tens
   return {idx, n};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_class_stats_cpu(const at::Tensor& feats,
+                                                                     const std::optional<at::Tensor>& cam,
+                                                                     const at::Tensor& labels,
+                                                                     const std::optional<at::Tensor>& valid,
+                                                                     int64_t num_classes, int64_t top_k) {
+  const char* op = "proto_class_stats";
+  check_cpu(labels, op, "labels");
+  const SelectArgs sa = cf::select_args(cam, labels, valid, num_classes, top_k, op);
+  UpdateArgs fa{};
+  cf::feats_args(fa, feats, labels, -1, num_classes, top_k, op);
+  const Selection s = dispatch_select<SelectCpu>(sa, cam, labels);
+  const auto f32 = feats.options().dtype(at::kFloat);
+  at::Tensor ws = at::empty({num_classes, fa.D}, f32);
+  at::Tensor wsum = at::empty({num_classes}, f32);
+  at::Tensor kept = at::empty({num_classes}, labels.options().dtype(at::kLong));
+  dispatch_stats(fa, feats, s, ws.data_ptr<float>(), wsum.data_ptr<float>(), kept.data_ptr<int64_t>());
+  return {ws, wsum, kept};
+}
+
+void proto_ema_apply_cpu(at::Tensor prototypes, at::Tensor counts, const at::Tensor& weighted_sum,
+                         const at::Tensor& weight_sum, const at::Tensor& kept, double momentum) {
+  const char* op = "proto_ema_apply_";
+  check_cpu(prototypes, op, "prototypes");
+  UpdateArgs ta{};
+  cf::table_args(ta, prototypes, counts, momentum, op);
+  const cf::StatsIn st = cf::stats_args(ta, prototypes, weighted_sum, weight_sum, kept, op);
+  apply_cpu(ta, st);
+}
+
 // Test hook: the CUDA algorithm run on the CPU, functional (returns new tensors).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emulate_cuda_cpu(
     const at::Tensor& prototypes, const at::Tensor& counts, const at::Tensor& feats,
@@ -274,6 +353,13 @@ TORCH_LIBRARY_FRAGMENT(confeti_fast, m) {
       "proto_ema_update_(Tensor(a!) prototypes, Tensor(b!) counts, Tensor feats, Tensor? cam, Tensor labels, "
       "Tensor? valid, float momentum, int top_k) -> ()");
   m.def("proto_select(Tensor? cam, Tensor labels, Tensor? valid, int num_classes, int top_k) -> (Tensor, Tensor)");
+  // The DDP path: per-rank class statistics, a cross-rank SUM (by the caller), then the EMA.
+  m.def(
+      "proto_class_stats(Tensor feats, Tensor? cam, Tensor labels, Tensor? valid, int num_classes, int top_k) "
+      "-> (Tensor weighted_sum, Tensor weight_sum, Tensor kept)");
+  m.def(
+      "proto_ema_apply_(Tensor(a!) prototypes, Tensor(b!) counts, Tensor weighted_sum, Tensor weight_sum, "
+      "Tensor kept, float momentum) -> ()");
   m.def(
       "_emulate_cuda_proto_update(Tensor prototypes, Tensor counts, Tensor feats, Tensor? cam, Tensor labels, "
       "Tensor? valid, float momentum, int top_k) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -282,6 +368,8 @@ TORCH_LIBRARY_FRAGMENT(confeti_fast, m) {
 TORCH_LIBRARY_IMPL(confeti_fast, CPU, m) {
   m.impl("proto_ema_update_", &proto_ema_update_cpu);
   m.impl("proto_select", &proto_select_cpu);
+  m.impl("proto_class_stats", &proto_class_stats_cpu);
+  m.impl("proto_ema_apply_", &proto_ema_apply_cpu);
   m.impl("_emulate_cuda_proto_update", &emulate_cuda_cpu);
 }
 

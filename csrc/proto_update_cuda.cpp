@@ -49,13 +49,17 @@ void check_top_k(int64_t top_k, const char* op) {
               top_k);
 }
 
+void check_launch(int err, const char* op) {
+  TORCH_CHECK(err == 0, op, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
 void launch(const cf::SelectArgs& sa, const std::optional<at::Tensor>& cam, const cf::UpdateArgs* ua,
-            const at::Tensor* feats, int64_t* sel_idx, int64_t* sel_cnt, const Scratch& s, const char* op) {
+            const at::Tensor* feats, int64_t* sel_idx, int64_t* sel_cnt, const Scratch& s, const char* op,
+            const cf::StatsOut* stats = nullptr) {
   const int cam_tag = cam.has_value() ? cf::dtype_tag(*cam, op, "cam") : cf::kF32;
   const int feats_tag = feats ? cf::dtype_tag(*feats, op, "feats") : cf::kF32;
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int err = cf::launch_proto_update(sa, cam_tag, ua, feats_tag, sel_idx, sel_cnt, s.ptrs, stream);
-  TORCH_CHECK(err == 0, op, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  check_launch(cf::launch_proto_update(sa, cam_tag, ua, feats_tag, sel_idx, sel_cnt, stats, s.ptrs, stream), op);
 }
 
 void proto_ema_update_cuda(at::Tensor prototypes, at::Tensor counts, const at::Tensor& feats,
@@ -86,11 +90,53 @@ std::tuple<at::Tensor, at::Tensor> proto_select_cuda(const std::optional<at::Ten
   return {idx, cand};
 }
 
+// Outputs are written for every class by the kernels; nothing here reads device memory, so the
+// host never waits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_class_stats_cuda(const at::Tensor& feats,
+                                                                      const std::optional<at::Tensor>& cam,
+                                                                      const at::Tensor& labels,
+                                                                      const std::optional<at::Tensor>& valid,
+                                                                      int64_t num_classes, int64_t top_k) {
+  const char* op = "proto_class_stats";
+  check_cuda(labels, op, "labels");
+  check_top_k(top_k, op);
+  const c10::cuda::CUDAGuard guard(labels.device());
+  const cf::SelectArgs sa = cf::select_args(cam, labels, valid, num_classes, top_k, op);
+  cf::UpdateArgs fa{};
+  cf::feats_args(fa, feats, labels, -1, num_classes, top_k, op);
+  const Scratch s = make_scratch(sa, 0, labels);
+  const auto f32 = feats.options().dtype(at::kFloat);
+  at::Tensor ws = at::empty({num_classes, fa.D}, f32);
+  at::Tensor wsum = at::empty({num_classes}, f32);
+  at::Tensor kept = at::empty({num_classes}, labels.options().dtype(at::kLong));
+  const cf::StatsOut out{ws.data_ptr<float>(), wsum.data_ptr<float>(), kept.data_ptr<int64_t>()};
+  launch(sa, cam, &fa, &feats, nullptr, nullptr, s, op, &out);
+  return {ws, wsum, kept};
+}
+
+void proto_ema_apply_cuda(at::Tensor prototypes, at::Tensor counts, const at::Tensor& weighted_sum,
+                          const at::Tensor& weight_sum, const at::Tensor& kept, double momentum) {
+  const char* op = "proto_ema_apply_";
+  check_cuda(prototypes, op, "prototypes");
+  const c10::cuda::CUDAGuard guard(prototypes.device());
+  cf::UpdateArgs ta{};
+  cf::table_args(ta, prototypes, counts, momentum, op);
+  const cf::StatsIn st = cf::stats_args(ta, prototypes, weighted_sum, weight_sum, kept, op);
+  if (ta.K == 0) return;  // an empty grid is a launch error
+  at::Tensor mu = at::empty({ta.K, ta.D}, prototypes.options());
+  void* stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(cf::launch_proto_ema_apply(ta, st.weighted_sum.data_ptr<float>(), st.weight_sum.data_ptr<float>(),
+                                          st.kept.data_ptr<int64_t>(), mu.data_ptr<float>(), stream),
+               op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(confeti_fast, CUDA, m) {
   m.impl("proto_ema_update_", &proto_ema_update_cuda);
   m.impl("proto_select", &proto_select_cuda);
+  m.impl("proto_class_stats", &proto_class_stats_cuda);
+  m.impl("proto_ema_apply_", &proto_ema_apply_cuda);
 }
 
 // A plain extension module: importing confeti_fast._C_cuda runs the registration above.

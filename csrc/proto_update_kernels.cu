@@ -8,6 +8,8 @@
 //    repeated until one list per class is left.
 // 3. centroid_kernel, block (class, 128 channels): mu = sum w v / sum w, v sampled on the fly.
 // 4. finish_kernel, block per class: |mu|, EMA, count, row normalization (fixed-order trees).
+// The DDP path replaces 3-4 by stats_kernel (3 without the division: sum w v, sum w, kept)
+// and, after the caller's cross-rank reduction, apply_kernel (mu = sum w v / sum w, then 4).
 // The key is a total order and every sum has a fixed order: no atomics, bitwise deterministic.
 #include <cuda_runtime.h>
 
@@ -88,19 +90,56 @@ __device__ __forceinline__ float block_tree_sum(float* part, float mine) {
   return total;
 }
 
-__global__ void __launch_bounds__(cf::kRedThreads) finish_kernel(cf::UpdateArgs a, const uint64_t* lists,
-                                                                 const int64_t* counts, const float* mu) {
-  __shared__ float part[cf::kRedThreads];
-  const int c = blockIdx.x;
+// The finish phases of class c's row, given its plan and mu row.
+__device__ __forceinline__ void finish_row(const cf::UpdateArgs& a, const cf::ClassPlan& plan, const float* mu_row,
+                                           int c, int64_t n_before, float* part) {
   const int tid = threadIdx.x, nt = cf::kRedThreads;
-  const int64_t n_before = a.counts[c * a.cs];
-  const cf::ClassPlan plan = cf::class_plan(a, lists + static_cast<int64_t>(c) * a.top_k, counts[c], n_before);
-  const float* mu_row = mu + c * a.D;
   const float mu_norm = cf::norm_denominator(block_tree_sum(part, cf::finish_mu_sumsq(a, plan, mu_row, tid, nt)));
   const float row_norm =
       cf::norm_denominator(block_tree_sum(part, cf::finish_ema(a, plan, mu_row, mu_norm, c, tid, nt)));
   cf::finish_normalize(a, row_norm, c, tid, nt);  // each thread rescales the channels it wrote
   if (tid == 0 && plan.present) a.counts[c * a.cs] = n_before + plan.kept;
+}
+
+__global__ void __launch_bounds__(cf::kRedThreads) finish_kernel(cf::UpdateArgs a, const uint64_t* lists,
+                                                                 const int64_t* counts, const float* mu) {
+  __shared__ float part[cf::kRedThreads];
+  const int c = blockIdx.x;
+  const int64_t n_before = a.counts[c * a.cs];
+  const cf::ClassPlan plan = cf::class_plan(a, lists + static_cast<int64_t>(c) * a.top_k, counts[c], n_before);
+  finish_row(a, plan, mu + c * a.D, c, n_before, part);
+}
+
+// Block (class, 128 channels): the centroid block without the division; every class is
+// written (zeros when nothing is kept), so the outputs need no memset.
+template <typename TF>
+__global__ void __launch_bounds__(cf::kRedThreads) stats_kernel(cf::UpdateArgs a, const uint64_t* lists,
+                                                                const int64_t* counts, cf::StatsOut out) {
+  const int c = blockIdx.x;
+  const uint64_t* list = lists + static_cast<int64_t>(c) * a.top_k;
+  const int m = cf::kept_count(counts[c], a.top_k);
+  cf::Tap* taps = reinterpret_cast<cf::Tap*>(cf_smem);
+  float* w = reinterpret_cast<float*>(taps + a.top_k);
+  cf::centroid_decode(a, list, m, taps, w, threadIdx.x, blockDim.x);
+  __syncthreads();
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (d < a.D) out.weighted_sum[c * a.D + d] = cf::weighted_component<TF>(a, taps, w, m, d);
+  if (blockIdx.y == 0 && threadIdx.x == 0) {
+    out.weight_sum[c] = cf::class_wsum(list, m);
+    out.kept[c] = m;
+  }
+}
+
+// Block per class: mu from the (reduced) statistics, then the finish phases.
+__global__ void __launch_bounds__(cf::kRedThreads) apply_kernel(cf::UpdateArgs a, const float* ws,
+                                                                const float* wsum, const int64_t* kept, float* mu) {
+  __shared__ float part[cf::kRedThreads];
+  const int c = blockIdx.x;
+  const int64_t n_before = a.counts[c * a.cs];
+  const cf::ClassPlan plan = cf::class_plan_stats(kept[c], wsum[c], n_before, a.momentum);
+  float* mu_row = mu + c * a.D;
+  cf::stats_mu(a, plan, ws + c * a.D, wsum[c], mu_row, threadIdx.x, cf::kRedThreads);
+  finish_row(a, plan, mu_row, c, n_before, part);
 }
 
 template <typename TC>
@@ -118,12 +157,21 @@ void launch_update(const cf::UpdateArgs& a, const uint64_t* lists, const int64_t
   finish_kernel<<<a.K, cf::kRedThreads, 0, st>>>(a, lists, counts, mu);
 }
 
+template <typename TF>
+void launch_stats(const cf::UpdateArgs& a, const uint64_t* lists, const int64_t* counts, const cf::StatsOut& out,
+                  cudaStream_t st) {
+  const unsigned dblocks = static_cast<unsigned>((a.D + cf::kRedThreads - 1) / cf::kRedThreads);
+  const size_t smem = a.top_k * (sizeof(cf::Tap) + sizeof(float));
+  stats_kernel<TF><<<dim3(a.K, dblocks), cf::kRedThreads, smem, st>>>(a, lists, counts, out);
+}
+
 }  // namespace
 
 namespace cf {
 
 int launch_proto_update(const SelectArgs& select, int cam_dtype, const UpdateArgs* update, int feats_dtype,
-                        int64_t* sel_idx, int64_t* sel_cnt, const CudaScratch& scratch, void* stream) {
+                        int64_t* sel_idx, int64_t* sel_cnt, const StatsOut* stats, const CudaScratch& scratch,
+                        void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int K = select.K, k = select.top_k;
   int64_t L1, L2;
@@ -151,11 +199,22 @@ int launch_proto_update(const SelectArgs& select, int cam_dtype, const UpdateArg
     L = Ln;
   }
   if (sel_idx) select_kernel<<<K, kRedThreads, 0, st>>>(cur_keys, cur_counts, k, sel_idx, sel_cnt);
-  if (update) {
+  if (update && stats) {
+    if (feats_dtype == 0) launch_stats<float>(*update, cur_keys, cur_counts, *stats, st);
+    else if (feats_dtype == 1) launch_stats<bf16_t>(*update, cur_keys, cur_counts, *stats, st);
+    else launch_stats<f16_t>(*update, cur_keys, cur_counts, *stats, st);
+  } else if (update) {
     if (feats_dtype == 0) launch_update<float>(*update, cur_keys, cur_counts, scratch.mu, st);
     else if (feats_dtype == 1) launch_update<bf16_t>(*update, cur_keys, cur_counts, scratch.mu, st);
     else launch_update<f16_t>(*update, cur_keys, cur_counts, scratch.mu, st);
   }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_proto_ema_apply(const UpdateArgs& table, const float* weighted_sum, const float* weight_sum,
+                           const int64_t* kept, float* mu, void* stream) {
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  apply_kernel<<<table.K, kRedThreads, 0, st>>>(table, weighted_sum, weight_sum, kept, mu);
   return static_cast<int>(cudaGetLastError());
 }
 

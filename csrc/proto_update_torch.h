@@ -82,9 +82,9 @@ inline SelectArgs select_args(const std::optional<at::Tensor>& cam, const at::Te
   return a;
 }
 
-inline UpdateArgs update_args(const at::Tensor& prototypes, const at::Tensor& counts, const at::Tensor& feats,
-                              const at::Tensor& labels, double momentum, int64_t top_k, const char* op) {
-  TORCH_CHECK(labels.dim() == 3, op, ": labels must be (B, H, W), got shape ", labels.sizes());
+// The prototype table: prototypes (K, D) float32 and counts (K,) int64, both written in place.
+inline void table_args(UpdateArgs& a, const at::Tensor& prototypes, const at::Tensor& counts, double momentum,
+                       const char* op) {
   TORCH_CHECK(prototypes.dim() == 2, op, ": prototypes must be (K, D), got shape ", prototypes.sizes());
   TORCH_CHECK(prototypes.scalar_type() == at::kFloat, op, ": prototypes must be float32, got ",
               prototypes.scalar_type());
@@ -96,24 +96,34 @@ inline UpdateArgs update_args(const at::Tensor& prototypes, const at::Tensor& co
   TORCH_CHECK(counts.scalar_type() == at::kLong, op, ": counts must be int64, got ", counts.scalar_type());
   TORCH_CHECK(at::has_internal_overlap(counts) != at::MemOverlap::Yes, op,
               ": counts is updated in place and must not have overlapping elements");
-  TORCH_CHECK(feats.dim() == 4, op, ": feats must be (B, D, h, w), got shape ", feats.sizes());
-  dtype_tag(feats, op, "feats");
-  TORCH_CHECK(feats.size(0) == labels.size(0), op, ": feats has batch ", feats.size(0), " but labels have ",
-              labels.size(0));
-  TORCH_CHECK(feats.size(1) == prototypes.size(1), op, ": feats has ", feats.size(1),
-              " channels but prototypes have D = ", prototypes.size(1));
-  TORCH_CHECK(feats.size(2) >= 1 && feats.size(3) >= 1, op, ": feats must have a non-empty spatial size, got ",
-              feats.sizes());
   TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, op, ": momentum must be in [0, 1], got ", momentum);
-  check_device(prototypes, labels, op, "prototypes");
-  check_device(counts, labels, op, "counts");
-  check_device(feats, labels, op, "feats");
-  UpdateArgs a{};
+  TORCH_CHECK(counts.device() == prototypes.device(), op, ": counts is on ", counts.device(),
+              " but prototypes are on ", prototypes.device());
   a.protos = prototypes.data_ptr<float>();
   a.ps0 = prototypes.stride(0);
   a.ps1 = prototypes.stride(1);
   a.counts = counts.data_ptr<int64_t>();
   a.cs = counts.stride(0);
+  a.D = prototypes.size(1);
+  a.K = static_cast<int32_t>(prototypes.size(0));
+  a.momentum = momentum;
+}
+
+// The features (B, D, h, w) sampled at the label resolution. D < 0: any D (taken from feats).
+inline void feats_args(UpdateArgs& a, const at::Tensor& feats, const at::Tensor& labels, int64_t D, int64_t K,
+                       int64_t top_k, const char* op) {
+  TORCH_CHECK(labels.dim() == 3, op, ": labels must be (B, H, W), got shape ", labels.sizes());
+  TORCH_CHECK(feats.dim() == 4, op, ": feats must be (B, D, h, w), got shape ", feats.sizes());
+  dtype_tag(feats, op, "feats");
+  TORCH_CHECK(feats.size(0) == labels.size(0), op, ": feats has batch ", feats.size(0), " but labels have ",
+              labels.size(0));
+  if (D >= 0) {
+    TORCH_CHECK(feats.size(1) == D, op, ": feats has ", feats.size(1), " channels but prototypes have D = ", D);
+  }
+  TORCH_CHECK(feats.size(1) >= 1, op, ": feats must have D >= 1 channels, got shape ", feats.sizes());
+  TORCH_CHECK(feats.size(2) >= 1 && feats.size(3) >= 1, op, ": feats must have a non-empty spatial size, got ",
+              feats.sizes());
+  check_device(feats, labels, op, "feats");
   a.feats = feats.data_ptr();
   a.fb = feats.stride(0);
   a.fd = feats.stride(1);
@@ -125,11 +135,49 @@ inline UpdateArgs update_args(const at::Tensor& prototypes, const at::Tensor& co
   a.W = labels.size(2);
   a.fscale_y = src_scale(a.hf, a.H);
   a.fscale_x = src_scale(a.wf, a.W);
-  a.D = prototypes.size(1);
-  a.K = static_cast<int32_t>(prototypes.size(0));
+  a.D = feats.size(1);
+  a.K = static_cast<int32_t>(K);
   a.top_k = static_cast<int32_t>(top_k);
-  a.momentum = momentum;
+}
+
+inline UpdateArgs update_args(const at::Tensor& prototypes, const at::Tensor& counts, const at::Tensor& feats,
+                              const at::Tensor& labels, double momentum, int64_t top_k, const char* op) {
+  TORCH_CHECK(labels.dim() == 3, op, ": labels must be (B, H, W), got shape ", labels.sizes());
+  UpdateArgs a{};
+  table_args(a, prototypes, counts, momentum, op);
+  check_device(prototypes, labels, op, "prototypes");
+  feats_args(a, feats, labels, prototypes.size(1), prototypes.size(0), top_k, op);
   return a;
+}
+
+// Class statistics (K, D) float32, (K,) float32, (K,) int64 on the table's device, for the EMA
+// apply; made contiguous (their layout is then the kernels').
+struct StatsIn {
+  at::Tensor weighted_sum, weight_sum, kept;
+};
+
+inline StatsIn stats_args(const UpdateArgs& table, const at::Tensor& prototypes, const at::Tensor& weighted_sum,
+                          const at::Tensor& weight_sum, const at::Tensor& kept, const char* op) {
+  const int64_t K = table.K, D = table.D;
+  TORCH_CHECK(weighted_sum.dim() == 2 && weighted_sum.size(0) == K && weighted_sum.size(1) == D, op,
+              ": weighted_sum must be (K, D) = (", K, ", ", D, "), got shape ", weighted_sum.sizes());
+  TORCH_CHECK(weighted_sum.scalar_type() == at::kFloat, op, ": weighted_sum must be float32, got ",
+              weighted_sum.scalar_type());
+  TORCH_CHECK(weight_sum.dim() == 1 && weight_sum.size(0) == K, op, ": weight_sum must be (K,) = (", K,
+              ",), got shape ", weight_sum.sizes());
+  TORCH_CHECK(weight_sum.scalar_type() == at::kFloat, op, ": weight_sum must be float32, got ",
+              weight_sum.scalar_type());
+  TORCH_CHECK(kept.dim() == 1 && kept.size(0) == K, op, ": kept must be (K,) = (", K, ",), got shape ",
+              kept.sizes());
+  TORCH_CHECK(kept.scalar_type() == at::kLong, op, ": kept must be int64, got ", kept.scalar_type());
+  const auto same_device = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == prototypes.device(), op, ": ", name, " is on ", t.device(), " but prototypes are on ",
+                prototypes.device());
+  };
+  same_device(weighted_sum, "weighted_sum");
+  same_device(weight_sum, "weight_sum");
+  same_device(kept, "kept");
+  return {weighted_sum.contiguous(), weight_sum.contiguous(), kept.contiguous()};
 }
 
 }  // namespace cf

@@ -71,7 +71,8 @@ if AVAILABLE:
     @triton.jit
     def _sample_rows_kernel(feat_ptr, idx_ptr, lab_ptr, proto_ptr, scale_ptr, loss_ptr, rowgrad_ptr,
                             N, D, K, HW, W, s_b, s_d, s_y, s_x, inv_tau, eps,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                            IGNORE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
@@ -106,13 +107,14 @@ if AVAILABLE:
         se = tl.sum(e, axis=1)
         onehot = ks[None, :] == lab[:, None]
         target = tl.sum(tl.where(onehot, logits, 0.0), axis=1)
-        tl.store(loss_ptr + rows, mx + tl.log(se) - target, mask=rmask)
+        valid = rmask & (lab != IGNORE)  # samples at ignored pixels are skipped
+        tl.store(loss_ptr + rows, tl.where(valid, mx + tl.log(se) - target, 0.0), mask=rmask)
 
         # dL/dlogit (L = ce_weight * mean CE), then through v = x / max(|x|, eps):
         # dL/dx = (g_v - v (v . g_v)) / |x|, with v . g_v = sum_k g_k logit_k (no extra D pass);
         # below eps the norm is clamped and carries no gradient, so dL/dx = g_v / eps.
         scale = tl.load(scale_ptr)
-        g = (e / se[:, None] - onehot.to(tl.float32)) * scale
+        g = (e / se[:, None] - onehot.to(tl.float32)) * tl.where(valid, scale, 0.0)[:, None]
         vg = tl.sum(g * tl.where(kmask[None, :], logits, 0.0), axis=1)
         vg = tl.where(norm >= eps, vg, 0.0)
         coef = inv * inv * vg
@@ -248,8 +250,10 @@ def _forward_impl(feats, labels, prototypes, sample_idx, tau, ce_weight, reg_wei
     flat_labels = labels.reshape(-1)
     n = (flat_labels != IGNORE_INDEX).sum()
     present = n > 0
-    # ce_weight / N, or 0 when every pixel is ignored (the reference returns 0 there).
-    scale = present.to(torch.float32) * (ce_weight / max(N, 1))
+    # ce_weight / (samples at kept pixels), or 0 when every pixel is ignored (the reference
+    # returns 0 there); samples at ignored pixels are skipped.
+    num_valid = (flat_labels[sample_idx] != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+    scale = present.to(torch.float32) * ce_weight / num_valid
     ce_rows = torch.empty(N, device=dev, dtype=torch.float32)
     row_grad = torch.empty(N, D, device=dev, dtype=torch.float32)
     num_parts = max(1, cdiv(M, blocks["pixel_m"]))
@@ -260,14 +264,14 @@ def _forward_impl(feats, labels, prototypes, sample_idx, tau, ce_weight, reg_wei
             feats, nonempty(sample_idx, flat_labels), flat_labels, protos, scale,
             nonempty(ce_rows, scale), nonempty(row_grad, scale),
             N, D, K, H * W, W, s_b, s_d, s_y, s_x, 1.0 / tau, EPS,
-            BLOCK_N=blocks["sample_n"], BLOCK_D=blocks["sample_d"], BLOCK_K=blocks["sample_k"],
+            IGNORE=IGNORE_INDEX, BLOCK_N=blocks["sample_n"], BLOCK_D=blocks["sample_d"], BLOCK_K=blocks["sample_k"],
             num_warps=blocks["sample_warps"])
         _kept_sum_kernel[(num_parts,)](
             feats, flat_labels, parts, M, D, H * W, W, s_b, s_d, s_y, s_x, EPS,
             IGNORE=IGNORE_INDEX, BLOCK_M=blocks["pixel_m"], BLOCK_D=blocks["pixel_d"],
             ONE_CHUNK=blocks["one_chunk"], num_warps=blocks["pixel_warps"])
     zero = torch.zeros((), device=dev, dtype=torch.float32)
-    loss_ce = torch.where(present, ce_weight * (ce_rows.sum() / max(N, 1)), zero)
+    loss_ce = torch.where(present, ce_weight * (ce_rows.sum() / num_valid), zero)
     # Regulariser on vbar (tiny, torch): reg_weight * sum_c log_softmax(vbar P^T / tau)_c / (K ln K).
     mean_v = parts.sum(0) / n.clamp(min=1)
     logits = mean_v @ protos.t() / tau

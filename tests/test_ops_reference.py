@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from confeti_fast.ops.reference import patch_nce, pixel_proto_contrast, proto_ema_update, sample_kept_pixels
+from confeti_fast.ops.reference import (patch_nce, pixel_proto_contrast, proto_class_stats, proto_ema_update,
+                                        sample_kept_pixels)
 
 
 # ---------------------------------------------------------------- naive helpers (plain Python)
@@ -401,6 +402,38 @@ def test_ema_cam_is_upsampled_too():
     # weights 0, 2, 4 on vectors (1,0), (0.5,0.5), (0,1): sum w v = (1, 5)
     assert protos[0].tolist() == pytest.approx(_norm([1.0, 5.0]), abs=1e-6)
     assert counts.tolist() == [3]
+
+
+def test_ema_reduce_sums_the_statistics_before_the_ema():
+    # two "ranks", K=2, D=2, identity upsampling. Rank 0: class 0 weights 1, 3 on (1,0), (0,2);
+    # rank 1: class 0 weight 2 on (4,0), class 1 weight 0 on (1,1). Summed: class 0 sum w v =
+    # (9, 6), sum w = 6, kept 3; class 1 kept 1 with weight sum 0 (count grows, row stays).
+    feats0 = _maps([[1.0, 0.0], [0.0, 2.0]], 1, 1, 2)
+    cam0 = _maps([[1.0, 7.0], [3.0, 7.0]], 1, 1, 2)
+    feats1 = _maps([[4.0, 0.0], [1.0, 1.0]], 1, 1, 2)
+    cam1 = _maps([[2.0, 5.0], [5.0, 0.0]], 1, 1, 2)
+    labels0, labels1 = torch.tensor([[[0, 0]]]), torch.tensor([[[0, 1]]])
+    other = proto_class_stats(feats1, cam1, labels1, num_classes=2)
+    seen = []
+
+    def reduce(weighted_sum, weight_sum, kept):
+        seen.append((weighted_sum.tolist(), weight_sum.tolist(), kept.tolist()))
+        for t, o in zip((weighted_sum, weight_sum, kept), other):
+            t += o
+
+    protos = torch.tensor([[0.0, 0.0], [0.6, 0.8]])
+    counts = torch.tensor([0, 4])
+    proto_ema_update(protos, counts, feats0, cam0, labels0, reduce=reduce)
+    assert seen == [([[1.0, 6.0], [0.0, 0.0]], [4.0, 0.0], [2, 0])]  # this rank's own statistics
+    assert protos[0].tolist() == pytest.approx(_norm([1.5, 1.0]), abs=1e-6)  # alpha 1: mu itself
+    assert protos[1].tolist() == pytest.approx([0.6, 0.8], abs=1e-7)
+    assert counts.tolist() == [3, 5]
+    # an identity reduce is the plain update
+    a = (torch.tensor([[1.0, 0.0], [0.6, 0.8]]), torch.tensor([3, 4]))
+    b = (a[0].clone(), a[1].clone())
+    proto_ema_update(*a, feats0, cam0, labels0)
+    proto_ema_update(*b, feats0, cam0, labels0, reduce=lambda *t: None)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 # ---------------------------------------------------------------- patch_nce

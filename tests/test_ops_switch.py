@@ -170,3 +170,33 @@ def test_compiled_training_step_fullgraph_matches_eager(monkeypatch):
     torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
     assert torch.equal(c1, c0) and not torch.equal(c0, counts0)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_sample_pixels_is_a_uniform_draw_of_kept_pixels():
+    labels = torch.full((2, 6, 5), 255)
+    labels[0, 1, 2] = labels[1, 4, 4] = 3
+    labels[1, :2] = 1  # 10 more kept pixels: 12 in all
+    gen = torch.Generator().manual_seed(0)
+    few = reference.sample_pixels(labels, 20, gen)
+    kept = set((labels.reshape(-1) != 255).nonzero().squeeze(1).tolist())
+    assert few.numel() == 20 and len(set(few.tolist())) == 20
+    assert kept <= set(few[:12].tolist())  # every kept pixel first, then ignored ones fill up
+    counts = torch.zeros(60)
+    for _ in range(600):
+        counts[reference.sample_pixels(labels, 4, gen)] += 1
+    assert counts[[i for i in range(60) if i not in kept]].sum() == 0
+    # each kept pixel drawn with probability 4/12: 200 expected of 600
+    assert counts[sorted(kept)].min() > 150 and counts[sorted(kept)].max() < 250
+
+
+def test_torch_fast_contrast_skips_samples_at_ignored_pixels():
+    feats, labels, protos = _contrast_inputs(torch.Generator().manual_seed(5), 1, 8, 6, 7, 19, 0.9)
+    idx = reference.sample_pixels(labels, 30, torch.Generator().manual_seed(2))
+    assert (labels.reshape(-1)[idx] == 255).any()
+    got = torch_fast.pixel_proto_contrast(feats, labels, protos, sample_idx=idx)
+    want = reference.pixel_proto_contrast(feats, labels, protos, sample_idx=idx)
+    kept_only = idx[labels.reshape(-1)[idx] != 255]
+    same = reference.pixel_proto_contrast(feats, labels, protos, sample_idx=kept_only)
+    for a, b, c in zip(got, want, same):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7)

@@ -3,7 +3,8 @@
 Selection: `proto_select` must pick exactly the pixels of the reference's own selection
 (`reference.proto_selection`), in the same order. Update: prototypes within 1e-6 (CUDA 1e-5),
 counts equal. The CUDA algorithm also runs on the CPU (`emulate_cuda`: the kernels' block code
-with emulated threads) and must equal the CPU op bit for bit.
+with emulated threads) and must equal the CPU op bit for bit. The `reduce` hook (DDP):
+`proto_class_stats` + `proto_ema_apply_` against the reference, simulated and real 2-rank runs.
 """
 import pytest
 import torch
@@ -398,3 +399,344 @@ def test_cuda_deterministic_and_small():
     assert extra < 16 * 2**20, f"{extra / 2**20:.1f} MiB of scratch"
     for p, n in results[1:]:
         assert torch.equal(p, results[0][0]) and torch.equal(n, results[0][1])
+
+
+# ---------------------------------------------------------------- reduce hook (DDP)
+# proto_ema_update(..., reduce=f): per-rank class statistics, f sums them across ranks in
+# place, then the EMA. Fused: proto_class_stats + proto_ema_apply_.
+
+def identity_reduce(*stats):
+    pass
+
+
+def fused_stats(case, device="cpu", top_k=32):
+    c = on(case, device)
+    K = case["prototypes"].shape[0]
+    return [t.cpu() for t in pu.proto_class_stats(c["feats"], c["cam"], c["labels"], c["valid"], K, top_k)]
+
+
+def reference_stats(case, top_k=32):
+    K = case["prototypes"].shape[0]
+    return list(reference.proto_class_stats(case["feats"], case["cam"], case["labels"], case["valid"], K, top_k))
+
+
+def assert_close_stats(got, expected):
+    """Sums of up to top_k terms in another order: within 1e-6 of the largest magnitude."""
+    for g, e in zip(got[:2], expected[:2]):
+        assert g.dtype == torch.float32 and g.shape == e.shape
+        assert (g - e).abs().max().item() <= 1e-6 * max(1.0, e.abs().max().item())
+    assert got[2].dtype == torch.int64 and torch.equal(got[2], expected[2])
+
+
+def zero_weight_case():
+    case = make_case(6, K=19, counts_max=3)
+    case["cam"][:, 4] = 0
+    return case
+
+
+def dyadic_case():
+    case = make_case(3, B=2, h=5, w=5, H=17, W=17, K=16, ignore=0.0)
+    case["cam"] = dyadic_cam(3, 2, 16, 5, 5)
+    return case
+
+
+REDUCE_CASES = {
+    "random": lambda: make_case(1),
+    "ties_without_cam": lambda: make_case(2, cam=False),
+    "ties_dyadic_cam": dyadic_case,
+    "absent_classes": lambda: make_case(5, B=1, H=12, W=10, K=19, classes=[0, 3, 7, 18], ignore=0.3),
+    "zero_weights": zero_weight_case,
+    "warmup_valid": lambda: make_case(7, cam=False, valid=True),
+    "valid_with_cam": lambda: make_case(8, valid=True, counts_max=5),
+    "channels_last": lambda: make_case(10, channels_last=True),
+    "bf16": lambda: make_case(12, dtype=torch.bfloat16),
+    "k16_large_counts": lambda: make_case(9, K=16, counts_max=2000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REDUCE_CASES))
+def test_identity_reduce_is_the_one_shot_update(name):
+    case = REDUCE_CASES[name]()
+    p, n = run_op(case)
+    c = case
+    p2, n2 = c["prototypes"].clone(), c["counts"].clone()
+    pu.proto_ema_update(p2, n2, c["feats"], c["cam"], c["labels"], c["valid"], reduce=identity_reduce)
+    assert torch.equal(p2, p) and torch.equal(n2, n)  # same sums, same order: bitwise
+    ref_p, ref_n = run_reference(case)
+    p3, n3 = c["prototypes"].clone(), c["counts"].clone()
+    reference.proto_ema_update(p3, n3, c["feats"], c["cam"], c["labels"], c["valid"], reduce=identity_reduce)
+    assert torch.equal(p3, ref_p) and torch.equal(n3, ref_n)
+
+
+@pytest.mark.parametrize("name", sorted(REDUCE_CASES))
+def test_stats_and_apply_match_reference(name):
+    case = REDUCE_CASES[name]()
+    stats, ref = fused_stats(case), reference_stats(case)
+    assert_close_stats(stats, ref)
+    p0, n0 = case["prototypes"], case["counts"]
+    ref_p, ref_n = reference.proto_ema_apply(p0.clone(), n0.clone(), *ref)
+    p, n = pu.proto_ema_apply(p0.clone(), n0.clone(), *stats)
+    assert torch.equal(n, ref_n) and (p - ref_p).abs().max().item() <= 1e-6
+    p, n = pu.proto_ema_apply(p0.clone(), n0.clone(), *ref)  # the apply alone, same inputs
+    assert torch.equal(n, ref_n) and (p - ref_p).abs().max().item() <= 1e-6
+
+
+def test_apply_from_hand_made_statistics():
+    # as after a reduction: kept > top_k, zero weight sums with kept > 0, negative weights,
+    # absent classes; K = 19, strided prototypes and non-contiguous statistics
+    g = torch.Generator().manual_seed(40)
+    K, D = 19, 24
+    table = torch.zeros(D, K)
+    table.copy_(F.normalize(torch.randn(K, D, generator=g), dim=1).t())
+    table[:, 3] = 0
+    counts = torch.randint(0, 50, (K,), generator=g)
+    counts[:4] = 0
+    kept = torch.tensor([0, 64, 5, 40, 0, 1, 7, 96, 3, 0, 12, 64, 2, 33, 0, 8, 64, 1, 9])
+    weight_sum = torch.rand(K, generator=g) * 40 - 5
+    weight_sum[[1, 5, 9]] = 0  # 9: kept 0 as well
+    weighted_sum = (torch.randn(D, K, generator=g) * 10).t()  # (K, D), not contiguous
+    before = table.t().clone()
+    p_ref, n_ref = reference.proto_ema_apply(before.clone(), counts.clone(), weighted_sum, weight_sum, kept,
+                                             momentum=0.99)
+    p, n = table.t(), counts.clone()
+    pu.proto_ema_apply(p, n, weighted_sum, weight_sum, kept, momentum=0.99)
+    assert torch.equal(n, n_ref) and torch.equal(n, counts + kept)
+    assert (table.t() - p_ref).abs().max().item() <= 1e-6
+    still = (kept == 0) | (weight_sum == 0)  # rows only renormalized
+    assert (p[still] - F.normalize(before[still], dim=1)).abs().max().item() <= 1e-7
+    assert (p[~still] - F.normalize(before[~still], dim=1)).abs().amax(1).min().item() > 1e-3
+
+
+def two_rank_case():
+    """B = 2, one image per rank: classes 0-11 on image 0, 5-17 on image 1, 18 nowhere; class 7
+    has zero weights on rank 0 only, class 9 on both ranks; > top_k candidates per rank."""
+    case = make_case(31, B=2, K=19, counts_max=3)
+    lab = case["labels"]
+    ign = lab == 255
+    lab[0] = lab[0] % 12
+    lab[1] = 5 + lab[1] % 13
+    lab[ign] = 255
+    case["cam"][0, 7] = 0
+    case["cam"][:, 9] = 0
+    return case
+
+
+def rank_slice(case, r):
+    out = dict(case)
+    for key in ("feats", "cam", "labels", "valid"):
+        if case[key] is not None:
+            out[key] = case[key][r:r + 1]
+    return out
+
+
+def hand_rank_stats(case, top_k=32):
+    """(sum w v, sum w, kept) per class from the reference's own selection, in plain torch."""
+    K, D = case["prototypes"].shape
+    v = F.interpolate(case["feats"].float(), size=case["labels"].shape[-2:], mode="bilinear", align_corners=True)
+    v = v.permute(0, 2, 3, 1).reshape(-1, D)
+    ws, wsum, kept = torch.zeros(K, D), torch.zeros(K), torch.zeros(K, dtype=torch.long)
+    for c, chosen, w, _ in reference.proto_selection(case["cam"], case["labels"], case["valid"], top_k):
+        ws[c] = (w[:, None] * v[chosen]).sum(0)
+        wsum[c] = w.sum()
+        kept[c] = chosen.numel()
+    return ws, wsum, kept
+
+
+def hand_ema(prototypes, counts, ws, wsum, kept, momentum):
+    p, n = prototypes.clone(), counts.clone()
+    for c in range(p.shape[0]):
+        if kept[c] == 0:
+            continue
+        m = int(n[c])
+        alpha = 1.0 if m == 0 else min(1.0 - 1.0 / (m + 1), 1.0 - momentum)
+        n[c] += kept[c]
+        if wsum[c] != 0:
+            mu = ws[c] / wsum[c]
+            p[c] = (1 - alpha) * p[c] + alpha * mu / mu.norm().clamp_min(1e-12)
+    return p / p.norm(dim=1, keepdim=True).clamp_min(1e-12), n
+
+
+def simulate_two_ranks(case, update, stats_fn, device="cpu", momentum=0.9):
+    """Each rank runs `update` on its image; its reduce replaces the stats by the two ranks' sum."""
+    ranks = [on(rank_slice(case, r), device) for r in (0, 1)]
+    per_rank = [stats_fn(rc) for rc in ranks]
+    total = [a + b for a, b in zip(*per_rank)]  # what all_reduce(SUM) gives with 2 ranks
+
+    def reduce(*stats):
+        for t, s in zip(stats, total):
+            t.copy_(s)
+
+    out = []
+    for rc in ranks:
+        p, n = rc["prototypes"].clone(), rc["counts"].clone()
+        update(p, n, rc["feats"], rc["cam"], rc["labels"], rc["valid"], momentum=momentum, reduce=reduce)
+        out.append((p.cpu(), n.cpu()))
+    return out, [t.cpu() for t in total]
+
+
+def fused_stats_on(rc):
+    return list(pu.proto_class_stats(rc["feats"], rc["cam"], rc["labels"], rc["valid"], rc["prototypes"].shape[0]))
+
+
+def reference_stats_on(rc):
+    return list(reference.proto_class_stats(rc["feats"], rc["cam"], rc["labels"], rc["valid"],
+                                            rc["prototypes"].shape[0]))
+
+
+def test_simulated_two_ranks():
+    case = two_rank_case()
+    hand = [hand_rank_stats(rank_slice(case, r)) for r in (0, 1)]
+    hand_total = [a + b for a, b in zip(*hand)]
+    exp_p, exp_n = hand_ema(case["prototypes"], case["counts"], *hand_total, momentum=0.9)
+    # the case covers what it claims
+    assert hand[0][2][7] == 32 and hand[0][1][7] == 0 and hand[1][1][7] != 0
+    assert hand_total[2][9] == 64 and hand_total[1][9] == 0 and hand_total[2][18] == 0
+    assert hand[0][2][13] == 0 and hand[1][2][2] == 0
+
+    (p0, n0), (p1, n1) = simulate_two_ranks(case, pu.proto_ema_update, fused_stats_on)[0]
+    assert torch.equal(p0, p1) and torch.equal(n0, n1)
+    assert torch.equal(n0, exp_n) and torch.equal(n0, case["counts"] + hand_total[2])
+    assert (p0 - exp_p).abs().max().item() <= 1e-6
+    assert (p0[7] - case["prototypes"][7]).abs().max() > 0.01  # moved by rank 1's pixels only
+    assert torch.allclose(p0[[9, 18]], F.normalize(case["prototypes"][[9, 18]], dim=1), atol=1e-7)
+
+    (r0, m0), (r1, m1) = simulate_two_ranks(case, reference.proto_ema_update, reference_stats_on)[0]
+    assert torch.equal(r0, r1) and torch.equal(m0, m1) and torch.equal(m0, exp_n)
+    assert (r0 - exp_p).abs().max().item() <= 1e-6
+
+
+DDP_WORKER = r"""
+import sys
+import torch
+import torch.distributed as dist
+from confeti_fast.kernels import proto_update as pu
+from confeti_fast.ops import reference
+
+rank, init, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+case = torch.load(folder + "/case.pt")
+inputs = [None if case[k] is None else case[k][rank:rank + 1] for k in ("feats", "cam", "labels", "valid")]
+reduce = lambda *t: [dist.all_reduce(x) for x in t]
+out = {}
+for name, update in (("fused", pu.proto_ema_update), ("reference", reference.proto_ema_update)):
+    p, n = case["prototypes"].clone(), case["counts"].clone()
+    update(p, n, *inputs, momentum=0.9, reduce=reduce)
+    out[name] = (p, n)
+torch.save(out, f"{folder}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo not available")
+def test_two_processes_gloo(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    case = two_rank_case()
+    torch.save(case, tmp_path / "case.pt")
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # containers whose hostname does not resolve
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(r), init, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        logs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for r, proc in enumerate(procs):
+        assert proc.returncode == 0, f"rank {r} failed:\n{logs[r][-3000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for name, update, stats_fn in (("fused", pu.proto_ema_update, fused_stats_on),
+                                   ("reference", reference.proto_ema_update, reference_stats_on)):
+        (p0, n0), (p1, n1) = ranks[0][name], ranks[1][name]
+        assert torch.equal(p0, p1) and torch.equal(n0, n1), name
+        sim_p, sim_n = simulate_two_ranks(case, update, stats_fn)[0][0]
+        assert torch.equal(p0, sim_p) and torch.equal(n0, sim_n), name
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(weighted_sum=torch.zeros(19, 15)), "weighted_sum must be (K, D) = (19, 16)"),
+    (dict(weighted_sum=torch.zeros(19, 16, dtype=torch.float64)), "weighted_sum must be float32"),
+    (dict(weight_sum=torch.zeros(18)), "weight_sum must be (K,) = (19,)"),
+    (dict(kept=torch.zeros(19, dtype=torch.int32)), "kept must be int64"),
+    (dict(counts=torch.zeros(19, dtype=torch.int32)), "counts must be int64"),
+    (dict(momentum=1.5), "momentum must be in [0, 1]"),
+])
+def test_apply_clear_errors(over, message):
+    args = dict(prototypes=torch.zeros(19, 16), counts=torch.zeros(19, dtype=torch.long),
+                weighted_sum=torch.zeros(19, 16), weight_sum=torch.zeros(19), kept=torch.zeros(19, dtype=torch.long),
+                momentum=0.999)
+    args.update(over)
+    with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        torch.ops.confeti_fast.proto_ema_apply_(*args.values())
+
+
+def test_stats_clear_errors():
+    case = make_case(24)
+    with pytest.raises(RuntimeError, match="feats has batch 1 but labels have 2"):
+        torch.ops.confeti_fast.proto_class_stats(case["feats"][:1], case["cam"], case["labels"], None, 19, 32)
+    with pytest.raises(RuntimeError, match="labels must be in"):
+        torch.ops.confeti_fast.proto_class_stats(case["feats"], None, case["labels"].clamp(max=30), None, 19, 32)
+    with pytest.raises(ValueError, match="num_classes"):
+        pu.proto_class_stats(case["feats"], None, case["labels"])
+
+
+def test_torch_compile_fullgraph_with_reduce():
+    case = make_case(26, B=1, D=8, h=5, w=5, H=20, W=20, K=5)
+
+    def step(p, n, feats, cam, labels):
+        pu.proto_ema_update(p, n, feats, cam, labels, momentum=0.99, top_k=8, reduce=identity_reduce)
+        return p * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    p1, n1 = case["prototypes"].clone(), case["counts"].clone()
+    p2, n2 = case["prototypes"].clone(), case["counts"].clone()
+    eager = step(p1, n1, case["feats"], case["cam"], case["labels"])
+    out = compiled(p2, n2, case["feats"], case["cam"], case["labels"])
+    assert torch.equal(out, eager) and torch.equal(p2, p1) and torch.equal(n2, n1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(REDUCE_CASES))
+def test_cuda_reduce_path(name):
+    case = REDUCE_CASES[name]()
+    c = on(case, "cuda")
+    p, n = c["prototypes"].clone(), c["counts"].clone()
+    pu.proto_ema_update(p, n, c["feats"], c["cam"], c["labels"], c["valid"])
+    p2, n2 = c["prototypes"].clone(), c["counts"].clone()
+    pu.proto_ema_update(p2, n2, c["feats"], c["cam"], c["labels"], c["valid"], reduce=identity_reduce)
+    assert torch.equal(p2, p) and torch.equal(n2, n)  # the GPU's own one-shot op, bitwise
+    assert_close_stats(fused_stats(case, "cuda"), reference_stats(case))
+    ref_p, ref_n = run_reference(case)
+    assert torch.equal(n2.cpu(), ref_n) and (p2.cpu() - ref_p).abs().max().item() <= 1e-5
+
+
+@needs_cuda
+def test_cuda_reduce_path_does_not_sync_the_host():
+    c = on(make_case(27), "cuda")
+    p, n = c["prototypes"].clone(), c["counts"].clone()
+    torch.cuda.synchronize()
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = pu.proto_class_stats(c["feats"], c["cam"], c["labels"], c["valid"], 19)
+        pu.proto_ema_apply(p, n, *stats)
+        pu.proto_ema_update(p, n, c["feats"], c["cam"], c["labels"], c["valid"], reduce=identity_reduce)
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+    torch.cuda.synchronize()
+
+
+@needs_cuda
+def test_cuda_simulated_two_ranks():
+    case = two_rank_case()
+    (p0, n0), (p1, n1) = simulate_two_ranks(case, pu.proto_ema_update, fused_stats_on, device="cuda")[0]
+    assert torch.equal(p0, p1) and torch.equal(n0, n1)
+    (c0, m0), _ = simulate_two_ranks(case, pu.proto_ema_update, fused_stats_on)[0]
+    assert torch.equal(n0, m0) and (p0 - c0).abs().max().item() <= 1e-5

@@ -416,3 +416,18 @@ def test_modules_import_without_triton():
             "q = [torch.nn.functional.normalize(torch.randn(8, 4), dim=1)]\n"
             "assert torch.isfinite(patch_nce.patch_nce(q, q, 2))\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_contrast_skips_samples_at_ignored_pixels(device):
+    # The trainer's sync-free sampler fills up with ignored pixels when fewer than num_samples
+    # are kept; every implementation must skip those samples (CE = mean over the others).
+    feats, labels, protos, _ = contrast_case(device, kept=7)
+    idx = reference.sample_pixels(labels, 40, torch.Generator().manual_seed(3)).to(device)
+    sampled = labels.reshape(-1)[idx]
+    assert int((sampled != 255).sum()) == 7 and int((sampled == 255).sum()) == 33
+    assert_contrast_matches((feats, labels, protos, idx))
+    kept_only = idx[sampled != 255]
+    ce, _, _ = run_contrast(kc.pixel_proto_contrast, feats, labels, protos, kept_only)
+    ce_padded, _, _ = run_contrast(kc.pixel_proto_contrast, feats, labels, protos, idx)
+    torch.testing.assert_close(ce_padded, ce, **FP32)

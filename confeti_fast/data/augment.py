@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..runtime import constant
 from .labels import IGNORE_INDEX
 
 
@@ -16,15 +17,18 @@ def _uniform(gen, low=0.0, high=1.0):
 
 
 def class_mix_masks(source_labels, gen):
-    """Per image, a mask of half (rounded up) of the classes present in its own label."""
-    masks = []
-    for label in source_labels:
-        classes = torch.unique(label)
-        classes = classes[classes != IGNORE_INDEX]
-        order = torch.randperm(classes.numel(), generator=gen)[: (classes.numel() + 1) // 2]
-        chosen = classes[order.to(classes.device)]
-        masks.append(torch.isin(label, chosen))
-    return torch.stack(masks)
+    """Per image, a mask of half (rounded up) of the classes present in its own label, drawn
+    uniformly. Fixed shapes and no host sync: every class value gets a random key, absent ones
+    (and 255) the largest, and the classes whose key ranks within half the present count win."""
+    flat = source_labels.reshape(source_labels.shape[0], -1).long()
+    values = 256  # label values are 0..255, 255 ignored
+    present = torch.zeros(flat.shape[0], values, dtype=torch.bool, device=flat.device)
+    present.scatter_(1, flat, True)
+    present[:, IGNORE_INDEX] = False
+    keys = torch.rand(flat.shape[0], values, generator=gen, dtype=torch.float64).to(flat.device, non_blocking=True)
+    rank = keys.masked_fill(~present, 2.0).argsort(dim=1).argsort(dim=1)
+    chosen = present & (rank < ((present.sum(1, keepdim=True) + 1) // 2))
+    return chosen.gather(1, flat).reshape(source_labels.shape)
 
 
 def mix(mask, source, target):
@@ -103,8 +107,8 @@ def strong_augment(images, mean, std, gen, jitter_strength=0.2, jitter_prob=0.2,
     """Colour jitter (when a per-iteration draw exceeds `jitter_prob`) and Gaussian blur (when
     a draw exceeds 0.5, sigma ~ U(0.15, 1.15)) of normalized images (B, 3, H, W)."""
     jitter_draw, blur_draw = _uniform(gen), _uniform(gen)
-    mean = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(3, 1, 1)
-    std = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    mean = constant(mean, images.device, images.dtype).view(3, 1, 1)
+    std = constant(std, images.device, images.dtype).view(3, 1, 1)
     out = []
     for image in images:
         if jitter_draw > jitter_prob:

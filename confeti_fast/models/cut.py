@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..runtime import constant
+
 # Sequential indices of G whose outputs feed PatchNCE (CUT's --nce_layers 0,4,8,12,16):
 # the reflect-padded input, the first 128-ch conv, the first 256-ch conv, residual blocks 1 and 5.
 NCE_LAYERS = (0, 4, 8, 12, 16)
@@ -209,11 +211,11 @@ class PatchSampleF(nn.Module):
                 raise ValueError(f"NCE feature {i} has {c} channels, the sampler expects {self.in_channels[i]}")
             flat = feat.permute(0, 2, 3, 1).reshape(b, h * w, c)
             if patch_ids is not None:
-                pid = patch_ids[i].to(feat.device)
+                pid = patch_ids[i].to(feat.device, non_blocking=True)
             else:
                 draw_on = generator.device if generator is not None else feat.device
                 pid = torch.randperm(h * w, generator=generator, device=draw_on)[: min(num_patches, h * w)]
-                pid = pid.to(feat.device)
+                pid = pid.to(feat.device, non_blocking=True)
             sample = flat[:, pid, :].reshape(b * pid.numel(), c)
             out.append(l2_normalize(self.mlp(i)(sample)))
             ids.append(pid)
@@ -234,8 +236,8 @@ def init_cut_weights(module, gain=0.02):
 
 def _stats(x, mean, std):
     shape = (1, -1, 1, 1) if x.dim() == 4 else (-1, 1, 1)
-    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(shape)
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(shape)
+    mean = constant(mean, x.device, x.dtype).reshape(shape)
+    std = constant(std, x.device, x.dtype).reshape(shape)
     return mean, std
 
 

@@ -23,13 +23,26 @@ def sample_kept_pixels(labels, num_samples, generator=None):
     return kept[order.to(kept.device)]
 
 
+def sample_pixels(labels, num_samples, generator=None):
+    """min(num_samples, pixel count) flat indices: a uniform draw without replacement among the
+    kept pixels, without a host sync (fixed size, no nonzero). Each pixel gets a random key
+    (float64, so ties are vanishingly rare), ignored pixels the largest; the smallest keys win.
+    When fewer than `num_samples` pixels are kept, every kept pixel is drawn and ignored ones
+    fill the rest: the contrast ops skip samples whose label is 255."""
+    flat = labels.reshape(-1)
+    keys = torch.rand(flat.numel(), generator=generator, dtype=torch.float64).to(flat.device, non_blocking=True)
+    keys = keys.masked_fill(flat == IGNORE_INDEX, 2.0)
+    return keys.topk(min(num_samples, flat.numel()), largest=False, sorted=True).indices
+
+
 def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, sample_idx=None,
                          ce_weight=0.5, reg_weight=2.0):
     """Pixel-to-prototype contrast and its regulariser (SPEC 5).
 
     feats: (B, D, h, w) raw projection; labels: (B, h, w) int64 at feature resolution, 255
     ignored; prototypes: (K, D), detached here. `sample_idx` are flat indices into B*h*w, used
-    as given; when None, `num_samples` kept pixels are drawn uniformly without replacement.
+    as given (samples at ignored pixels are skipped: the CE is the mean over the others); when
+    None, `num_samples` kept pixels are drawn uniformly without replacement.
     Returns (loss_ce, loss_reg); both are 0 (with a graph) when every pixel is ignored.
     """
     protos = prototypes.detach().float()
@@ -43,7 +56,7 @@ def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, s
     if sample_idx is None:
         sample_idx = sample_kept_pixels(flat_labels, num_samples)
     logits = v[sample_idx] @ protos.t() / tau
-    loss_ce = ce_weight * F.cross_entropy(logits, flat_labels[sample_idx])
+    loss_ce = ce_weight * F.cross_entropy(logits, flat_labels[sample_idx], ignore_index=IGNORE_INDEX)
     mean_v = v[kept].mean(0)
     log_probs = F.log_softmax(mean_v @ protos.t() / tau, dim=0)
     loss_reg = reg_weight * log_probs.sum() / (num_classes * math.log(num_classes))
@@ -90,26 +103,62 @@ def proto_selection(cam, labels, valid=None, top_k=32):
 
 
 @torch.no_grad()
-def proto_ema_update(prototypes, counts, feats, cam, labels, valid=None, momentum=0.999, top_k=32):
+def proto_class_stats(feats, cam, labels, valid=None, num_classes=None, top_k=32):
+    """Per-class statistics of SPEC 4's selection on this rank's batch.
+
+    Returns weighted_sum (K, D) float32 = sum of w * v over the kept pixels (v the feature
+    upsampled there), weight_sum (K,) float32 = sum of the kept w, kept (K,) int64 = how many
+    were kept; zeros for absent classes. `num_classes` defaults to cam.shape[1].
+    """
+    if num_classes is None:
+        if cam is None:
+            raise ValueError("proto_class_stats: num_classes is required when cam is None")
+        num_classes = cam.shape[1]
+    size = labels.shape[-2:]
+    v = _flatten_pixels(F.interpolate(feats.float(), size=size, mode="bilinear", align_corners=True))
+    weighted_sum = torch.zeros(num_classes, v.shape[1], device=v.device)
+    weight_sum = torch.zeros(num_classes, device=v.device)
+    kept = torch.zeros(num_classes, dtype=torch.int64, device=v.device)
+    for c, chosen, w, _ in select_top_k(*_selection_inputs(cam, labels, valid), top_k):
+        weighted_sum[c] = (w[:, None] * v[chosen]).sum(0)
+        weight_sum[c] = w.sum()
+        kept[c] = chosen.numel()
+    return weighted_sum, weight_sum, kept
+
+
+@torch.no_grad()
+def proto_ema_apply(prototypes, counts, weighted_sum, weight_sum, kept, momentum=0.999):
+    """The EMA of SPEC 4 from (possibly cross-rank summed) class statistics, in place."""
+    for c in (kept > 0).nonzero().squeeze(1).tolist():  # increasing class order
+        n = int(counts[c])
+        alpha = 1.0 if n == 0 else min(1.0 - 1.0 / (n + 1), 1.0 - momentum)
+        counts[c] += kept[c]
+        if float(weight_sum[c]) == 0.0:
+            continue  # the count still grows
+        mu = F.normalize(weighted_sum[c] / weight_sum[c], dim=0)
+        prototypes[c] = ((1.0 - alpha) * prototypes[c].float() + alpha * mu).to(prototypes.dtype)
+    prototypes.copy_(F.normalize(prototypes.float(), dim=1).to(prototypes.dtype))
+    return prototypes, counts
+
+
+@torch.no_grad()
+def proto_ema_update(prototypes, counts, feats, cam, labels, valid=None, momentum=0.999, top_k=32,
+                     reduce=None):
     """EMA update of the prototype table (SPEC 4), in place on `prototypes` (K, D) and `counts` (K,).
 
     feats: (B, D, h, w) teacher projection; cam: (B, K, h, w) or None (weights 1); labels:
     (B, H, W); valid: optional (B, H, W) bool. Features and CAM are upsampled bilinearly with
     align_corners=True to H x W; for each present class in increasing order the `top_k`
     largest weights are kept (ties to the lower flat index (b, y, x)).
+
+    reduce: optional callable, `reduce(weighted_sum, weight_sum, kept)`, that sums this rank's
+    class statistics across ranks in place (e.g. with torch.distributed.all_reduce) before the
+    EMA, so that every rank ends with the same table.
     """
-    size = labels.shape[-2:]
-    v = _flatten_pixels(F.interpolate(feats.float(), size=size, mode="bilinear", align_corners=True))
-    for c, chosen, w, _ in select_top_k(*_selection_inputs(cam, labels, valid), top_k):
-        n = int(counts[c])
-        alpha = 1.0 if n == 0 else min(1.0 - 1.0 / (n + 1), 1.0 - momentum)
-        counts[c] += chosen.numel()
-        if float(w.sum()) == 0.0:
-            continue
-        mu = F.normalize((w[:, None] * v[chosen]).sum(0) / w.sum(), dim=0)
-        prototypes[c] = ((1.0 - alpha) * prototypes[c].float() + alpha * mu).to(prototypes.dtype)
-    prototypes.copy_(F.normalize(prototypes.float(), dim=1).to(prototypes.dtype))
-    return prototypes, counts
+    stats = proto_class_stats(feats, cam, labels, valid, prototypes.shape[0], top_k)
+    if reduce is not None:
+        reduce(*stats)
+    return proto_ema_apply(prototypes, counts, *stats, momentum=momentum)
 
 
 def patch_nce(q_layers, k_layers, batch_size, tau=0.07):

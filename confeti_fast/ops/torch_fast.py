@@ -29,8 +29,9 @@ def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, s
     image, pixel = sample_idx // (height * width), sample_idx % (height * width)
     rows = feats[image, :, pixel // width, pixel % width].float()
     logits = F.normalize(rows, dim=1) @ protos.t() / tau
-    ce_sum = F.cross_entropy(logits, flat_labels[sample_idx], reduction="sum")
-    loss_ce = ce_weight * ce_sum / max(sample_idx.numel(), 1)
+    sample_labels = flat_labels[sample_idx]
+    ce_sum = F.cross_entropy(logits, sample_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_ce = ce_weight * ce_sum / (sample_labels != IGNORE_INDEX).sum().clamp_min(1)
 
     x = feats.float()
     inv_norm = x.norm(dim=1).clamp_min(1e-12).reciprocal()  # F.normalize's eps
