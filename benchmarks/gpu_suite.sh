@@ -6,6 +6,12 @@
 # Run from anywhere inside the repo on a GPU box:
 #
 #     OUT=/some/dir bash benchmarks/gpu_suite.sh        # OUT defaults to ./gpu_out
+#     SUITE=train OUT=/some/dir bash benchmarks/gpu_suite.sh
+#
+# SUITE picks the part after the build: `kernels` (default: the op tests and benchmarks, at
+# most 8 minutes on an H100), `train` (the fast-path tests, including a whole step under
+# torch.cuda.set_sync_debug_mode("error"), and the end-to-end stage-1/stage-2 step benchmark at
+# paper shapes with MFU; about 8 minutes, most of it torch.compile), or `all` (both, ~15).
 #
 # Needs torch (CUDA build), nvcc, triton, pytest and pytest-benchmark; no internet, and no
 # opencv/tqdm: only tests that import neither at module level run here.
@@ -98,7 +104,13 @@ tail -3 "$OUT/build_ext.log" | tee -a "$OUT/suite.log"
 print('extension: cpu', p.AVAILABLE, '| cuda', p.CUDA_AVAILABLE, '|', p.LOAD_ERROR)
 print('triton kernels:', contrast.AVAILABLE, patch_nce.AVAILABLE, contrast.LOAD_ERROR or '')" 2>&1 | tee -a "$OUT/suite.log"
 
+SUITE=${SUITE:-kernels}
+note "suite: $SUITE"
+run_kernels() { [ "$SUITE" = kernels ] || [ "$SUITE" = all ]; }
+run_train() { [ "$SUITE" = train ] || [ "$SUITE" = all ]; }
+
 # ---------------------------------------------------------------- tests (CUDA variants run here)
+if run_kernels; then
 TESTS="tests/test_models.py tests/test_cut.py tests/test_proto_update_op.py tests/test_triton_kernels.py tests/test_ops_switch.py tests/test_ops_reference.py"
 note "pytest $TESTS"
 timeout -k 10 180 "$PYTHON" -m pytest $TESTS -q -rs -p no:cacheprovider \
@@ -110,6 +122,23 @@ note "pytest benchmarks/test_ops.py -k cuda --benchmark-only"
 timeout -k 10 120 "$PYTHON" -m pytest benchmarks/test_ops.py -k cuda --benchmark-only -q -rs -p no:cacheprovider \
     --benchmark-json="$OUT/bench_ops.json" 2>&1 | tee "$OUT/bench_ops.log"
 record bench_ops $?
+fi
+
+# ---------------------------------------------------------------- the training step
+if run_train; then
+note "generating the demo data (the end-to-end benchmark builds its datasets from it)"
+timeout -k 10 120 "$PYTHON" -c "from confeti_fast.data.demo import ensure_demo; ensure_demo(progress=False)" \
+    > "$OUT/demo.log" 2>&1
+record demo_data $?
+note "pytest tests/test_fast_path.py (a CUDA step without host sync; the bf16 step against fp32)"
+timeout -k 10 240 "$PYTHON" -m pytest tests/test_fast_path.py -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/tests_train.xml" 2>&1 | tee "$OUT/tests_train.log"
+record tests_train $?
+note "pytest benchmarks/test_train_step.py -k cuda --benchmark-only"
+timeout -k 10 420 "$PYTHON" -m pytest benchmarks/test_train_step.py -k cuda --benchmark-only -q -rs \
+    -p no:cacheprovider --benchmark-json="$OUT/bench_train.json" 2>&1 | tee "$OUT/bench_train.log"
+record bench_train $?
+fi
 "$PYTHON" - "$OUT"/bench_*.json <<'PY' 2>&1 | tee "$OUT/bench_summary.txt"
 import json, sys
 for path in sys.argv[1:]:
@@ -120,8 +149,10 @@ for path in sys.argv[1:]:
         continue
     for b in data["benchmarks"]:
         s, e = b["stats"], b["extra_info"]
-        mem = e.get("peak_extra_mb", e.get("peak_memory_mb", e.get("peak_rss_mb")))
-        ratios = ", ".join(f"{k} {v}x" for k, v in e.items() if k.startswith("speedup"))
+        mem = e.get("peak_extra_mb", e.get("peak_allocated_mb", e.get("peak_memory_mb", e.get("peak_rss_mb"))))
+        ratios = ", ".join(f"{k} {v}x" for k, v in e.items() if k.startswith(("speedup", "memory_vs")))
+        if "mfu_bf16" in e:
+            ratios += f", MFU {100 * e['mfu_bf16']:.1f}% of bf16 peak ({e['step_tflop']} TFLOP/step)"
         print(f"{b['name']}: median {s['median'] * 1e3:.3f} ms (min {s['min'] * 1e3:.3f}, {s['rounds']} rounds), "
               f"peak mem {mem} MB, {ratios or 'no ratio'}, {e.get('device_name')}")
 PY

@@ -52,6 +52,7 @@ RUNTIME_CHOICES = {
     "compile": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "fused_optimizer": (False, True),
     "check_finite": ("step", "log"),
+    "sync_bn": (False, True),
 }
 METHODS = ("confeti", "source_only")
 EVAL_CLASS_SETS = ("all", "synthia16")

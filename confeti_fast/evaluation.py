@@ -300,7 +300,7 @@ def _check_output_dirs(show_dir, label_id_dir, train_id_dir):
 # --------------------------------------------------------------------------------------
 
 def evaluate(model, dataset, cfg, device="cpu", mode=None, progress=True, show_dir=None,
-             label_id_dir=None, max_images=None, train_id_dir=None, autocast_dtype=None):
+             label_id_dir=None, max_images=None, train_id_dir=None, autocast_dtype=None, shard=(0, 1), reduce=None):
     """Evaluate `model` on `dataset` (a SegDataset split) with the settings of `cfg`.
 
     Returns `summary(cm, cfg['eval_classes'])` of one confusion matrix over the split, plus
@@ -308,6 +308,10 @@ def evaluate(model, dataset, cfg, device="cpu", mode=None, progress=True, show_d
     ground truth); `label_id_dir` / `train_id_dir` get 8-bit labelId / trainId PNGs named
     `<city>/<city>_<seq>_<frame>_leftImg8bit.png`, the layout the Cityscapes scripts and test
     server read. The model's training flag is restored afterwards.
+
+    Multi-GPU: `shard` (rank, world size) evaluates every world-size-th image from `rank`, and
+    `reduce(tensor)` sums the confusion matrix over ranks in place, so every rank gets the
+    result of the whole split.
     """
     ev = cfg["evaluation"]
     mode = mode or ev.get("mode", "whole")
@@ -330,8 +334,9 @@ def evaluate(model, dataset, cfg, device="cpu", mode=None, progress=True, show_d
         from tqdm import tqdm
 
         bar = tqdm(total=count, desc=f"eval ({mode})", unit="img", dynamic_ncols=True)
+    rank, world_size = shard
     with eval_mode(model):
-        for index in range(count):
+        for index in range(rank, count, world_size):
             image, label = dataset.load(index)
             resized, _ = resize(image, None, scale)
             tensor = normalize(resized, mean, std).unsqueeze(0).to(device)
@@ -361,6 +366,10 @@ def evaluate(model, dataset, cfg, device="cpu", mode=None, progress=True, show_d
                 bar.update(1)
     if bar is not None:
         bar.close()
+    if reduce is not None:
+        total = torch.from_numpy(cm).to(device)
+        reduce(total)
+        cm = total.cpu().numpy()
     result = summary(cm, cfg["eval_classes"])
     result.update(num_images=count, mode=mode)
     return result

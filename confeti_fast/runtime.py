@@ -14,6 +14,9 @@ run's config.py:
     check_finite      step          log               a per-step check reads every loss back
                                                       (a host sync); on CUDA it happens when the
                                                       log reads the values anyway
+    sync_bn           False         False             multi-GPU: SyncBatchNorm in the student
+                                                      (CUDA only); off, ranks take rank 0's BN
+                                                      statistics after each step
 """
 import contextlib
 
@@ -22,9 +25,10 @@ import torch
 from .config import RUNTIME_CHOICES
 
 DEFAULTS = {
-    "cpu": {"amp": "fp32", "channels_last": False, "compile": None, "fused_optimizer": False, "check_finite": "step"},
+    "cpu": {"amp": "fp32", "channels_last": False, "compile": None, "fused_optimizer": False, "check_finite": "step",
+            "sync_bn": False},
     "cuda": {"amp": "bf16", "channels_last": True, "compile": "reduce-overhead", "fused_optimizer": True,
-             "check_finite": "log"},
+             "check_finite": "log", "sync_bn": False},
 }
 
 

@@ -10,8 +10,11 @@ from .models.cut import NCE_LAYERS, build_cut, cut_to_imagenet, imagenet_to_cut,
 
 
 class StyleTransfer:
-    def __init__(self, cut_cfg, device, mean, std, fused=False):
+    def __init__(self, cut_cfg, device, mean, std, fused=False, grad_sync=None):
+        """`grad_sync(params)` runs before each optimizer step (multi-GPU: averages the
+        gradients over ranks)."""
         self.cfg, self.mean, self.std = cut_cfg, mean, std
+        self.grad_sync = grad_sync or (lambda params: None)
         nets = build_cut(cut_cfg["ngf"], cut_cfg["ndf"], cut_cfg["n_blocks"], cut_cfg["nce_dim"],
                          cut_cfg["num_patches"])
         self.G, self.D, self.F = (net.to(device) for net in nets)
@@ -52,6 +55,7 @@ class StyleTransfer:
         loss = 0.5 * (lsgan_loss(self.D(real_target), True) + lsgan_loss(self.D(fake.detach()), False))
         check({"cut_d": loss})
         loss.backward()
+        self.grad_sync(list(self.D.parameters()))
         self.opt_D.step()
         return loss.detach()
 
@@ -65,6 +69,7 @@ class StyleTransfer:
         nce = 0.5 * (self.nce(real_source, fake, gen) + self.nce(real_target, identity, gen))
         check({"cut_gan": gan, "cut_nce": nce})
         (gan + nce + (0.0 if consistency is None else consistency)).backward()
+        self.grad_sync(list(self.G.parameters()) + list(self.F.parameters()))
         self.opt_G.step()
         self.D.requires_grad_(True)
         return {"cut_gan": gan.detach(), "cut_nce": nce.detach()}

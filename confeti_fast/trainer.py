@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import ops, runtime
+from . import distributed, ops, runtime
 from .checkpoint import FORMAT, load_training_checkpoint, save_atomic
 from .config import dump_config, merge
 from .data.augment import class_mix_masks, mix, strong_augment
@@ -50,7 +50,11 @@ def pseudo_labels(teacher_logits, size, threshold, ignore_top, ignore_bottom):
 class Trainer:
     def __init__(self, cfg, stage, work_dir, device=None, resume=None, progress=True, cut_checkpoint=None):
         self.stage, self.progress = stage, progress
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = distributed.from_environment(device.type)
+        if self.dist.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
+        self.device = device
         self.runtime = runtime.resolve(cfg.get("runtime"), self.device.type)
         self.cfg = cfg = merge(cfg, {"runtime": self.runtime})  # the run's config.py records the choices
         self.work_dir = Path(work_dir) / f"stage{stage}"
@@ -59,6 +63,11 @@ class Trainer:
 
         torch.manual_seed(cfg["seed"])
         self.student = ConfetiNet(cfg["model"], num_classes, tcfg["proto_dim"]).to(self.device)
+        if self.runtime["sync_bn"] and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise ConfetiError("runtime.sync_bn needs CUDA (torch's SyncBatchNorm); on CPU the ranks "
+                                   "share rank 0's BN statistics after every step instead")
+            self.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         self.teacher = self._frozen_copy(self.student)
         self.imnet = self._frozen_copy(self.student.segmentor).eval()
         self.reg_proj = reg_proj(tcfg["proto_dim"]).to(self.device)
@@ -74,7 +83,7 @@ class Trainer:
         for net in (self.student, self.teacher):
             runtime.prepare_module(net, self.runtime, compiled=net.segmentor.backbone)
         runtime.prepare_module(self.imnet, self.runtime, compiled=self.imnet.backbone)
-        self.steps = PairedSteps(cfg, stage, progress=progress)
+        self.steps = PairedSteps(cfg, stage, self.dist.rank, self.dist.world_size, progress=progress and self.dist.is_main)
         self.val_set = build_dataset(cfg["target"], "val")
         self.t = 0
         self.best = {"metric": None, "value": -1.0, "iter": None}
@@ -92,7 +101,7 @@ class Trainer:
         from .style import StyleTransfer, load_style
 
         style = StyleTransfer(self.cfg["cut"], self.device, self.cfg["pipeline"]["mean"], self.cfg["pipeline"]["std"],
-                              fused=self.runtime["fused_optimizer"])
+                              fused=self.runtime["fused_optimizer"], grad_sync=self.dist.average_gradients)
         source = cut_checkpoint
         if source is None and self.stage > 0:
             previous = self.work_dir.parent / f"stage{self.stage - 1}" / "last.pth"
@@ -122,7 +131,15 @@ class Trainer:
     def step(self, batch, t):
         """Run iteration t on a loader batch; returns the loss values (tensors) by name."""
         with runtime.autocast(self.runtime, self.device.type):
-            return self._step(batch, t)
+            losses, debug = self._step(batch, t)
+        self.dist.broadcast_buffers(self.student, self.teacher)
+        if self.dist.check_ranks:
+            self.dist.assert_identical({"student": list(self.student.state_dict().values()),
+                                        "teacher": list(self.teacher.state_dict().values()),
+                                        "prototypes": [self.prototypes, self.proto_counts],
+                                        "style": [] if self.style is None else
+                                        [p for net in self.style.modules().values() for p in net.parameters()]}, t)
+        return losses, debug
 
     def _step(self, batch, t):
         cfg, tcfg = self.cfg, self.cfg["train"]
@@ -140,7 +157,7 @@ class Trainer:
         if cfg["method"] == "source_only":
             losses["src_ce"] = seg_ce(self.student.segmentor(x_s), y_s)
             self._backward(losses, ["src_ce"], t)
-            self.optimizer.step()
+            self._optimizer_step()
             return losses, {}
         if self.stage == 0:
             return self._cut_only_step(x_s, x_t, gen)
@@ -178,7 +195,8 @@ class Trainer:
             ops.proto_ema_update(self.prototypes, self.proto_counts, teacher_m["proj"],
                                  None if warmup else F.relu(teacher_m["cam"]), y_m,
                                  valid=mask if warmup else None,
-                                 momentum=tcfg["proto_momentum"], top_k=tcfg["proto_top_k"])
+                                 momentum=tcfg["proto_momentum"], top_k=tcfg["proto_top_k"],
+                                 reduce=self.dist.all_reduce_ if self.dist.enabled else None)
         # 6. source losses
         out_s = self.student(x_st.detach())
         losses["src_ce"] = seg_ce(out_s["logits"], y_s)
@@ -217,7 +235,7 @@ class Trainer:
             self._backward(target, list(target), t)
             losses.update(target)
         # 10. optimizer step
-        self.optimizer.step()
+        self._optimizer_step()
         debug = {"x_s": x_s, "x_t": x_t, "x_m": x_m, "y_m": y_m, "y_t": y_t, "w_m": w_m, "x_st": x_st}
         losses["q"] = q
         return losses, debug
@@ -256,21 +274,27 @@ class Trainer:
         return losses, {"x_s": x_s, "x_t": x_t, "x_st": style.to_imagenet(fake)}
 
     def _check_finite(self, losses, t):
-        """Stop before the update on a NaN/inf loss. With runtime.check_finite 'log' (the CUDA
-        default) this per-step check, a host sync, is skipped: `_log_means` checks instead."""
+        """Stop before the update on a NaN/inf loss (on every rank, when any rank sees one). With
+        runtime.check_finite 'log' (the CUDA default) this per-step check, a host sync, is
+        skipped: `_read_means` checks instead."""
         if self.runtime["check_finite"] != "step":
             return
-        for name, value in losses.items():
-            if not torch.isfinite(value):
-                raise NonFiniteLoss(
-                    f"loss '{name}' is {float(value.detach())} at iteration {t}; training stopped before "
-                    f"the update, the last checkpoint in {self.work_dir} is intact")
+        bad = [(name, float(value.detach())) for name, value in losses.items() if not torch.isfinite(value)]
+        if self.dist.any(bool(bad)):
+            what = f"loss '{bad[0][0]}' is {bad[0][1]}" if bad else "a loss is not finite on another rank"
+            raise NonFiniteLoss(f"{what} at iteration {t}; training stopped before the update, the last "
+                                f"checkpoint in {self.work_dir} is intact")
+
+    def _optimizer_step(self):
+        self.dist.average_gradients([p for group in self.optimizer.param_groups for p in group["params"]])
+        self.optimizer.step()
 
     def _read_means(self, sums, counts, first, last):
         """The mean of each loss over iterations first..last-1, in one device-to-host copy; a
         non-finite mean stops the run (the per-step check is off in check_finite 'log' mode)."""
         values = torch.stack([torch.as_tensor(v).reshape(()) for v in sums.values()]).tolist()
-        means = {name: value / counts[name] for name, value in zip(sums, values)}
+        values = self.dist.sum_values(values)  # the mean over ranks too
+        means = {name: value / (counts[name] * self.dist.world_size) for name, value in zip(sums, values)}
         for name, value in means.items():
             if not math.isfinite(value):
                 raise NonFiniteLoss(
@@ -287,13 +311,15 @@ class Trainer:
     def train(self):
         from tqdm import tqdm
 
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.work_dir / "config.py")
+        main = self.dist.is_main  # rank 0 alone writes
+        if main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.work_dir / "config.py")
         log_path = self.work_dir / "log.jsonl"
         tcfg, interval = self.cfg["train"], self.cfg["evaluation"]["interval"]
         loader = paired_loader(self.steps, self.t, self.cfg["data_loader"]["workers"], self.device.type == "cuda")
         bar = tqdm(total=self.max_iters, initial=self.t, desc=f"stage {self.stage}", unit="it",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and main), dynamic_ncols=True)
         result, sums, counts, started, done = None, {}, {}, time.perf_counter(), 0
         for batch in loader:
             t = batch["step"]
@@ -308,25 +334,31 @@ class Trainer:
                 record = {"iter": self.t, "lr": self.optimizer.param_groups[0]["lr"],
                           "it_per_s": done / (time.perf_counter() - started)}
                 record.update({k if k == "q" else f"loss/{k}": v for k, v in means.items()})
-                self._log(log_path, record)
+                if main:
+                    self._log(log_path, record)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("src_ce", "mix_ce", "q")})
                 sums, counts, started, done = {}, {}, time.perf_counter(), 0
             bar.update(1)
             if self.t % interval == 0 or self.t == self.max_iters:
-                self._pictures(debug)
                 result = self.evaluate()
-                self._log(log_path, {"iter": self.t, **{k: 100 * result[k] for k in self._metrics(result)}})
-                self.save(result)
+                if main:
+                    self._pictures(debug)
+                    self._log(log_path, {"iter": self.t, **{k: 100 * result[k] for k in self._metrics(result)}})
+                    self.save(result)
+                else:
+                    self._note_best(result)
         bar.close()
         if result is None:  # resumed at the end: nothing left to run
             result = self.evaluate()
-        plot_curves(log_path, self.work_dir / "curves.png")
+        if main:
+            plot_curves(log_path, self.work_dir / "curves.png")
         return result
 
     def evaluate(self):
         if self.stage == 0:  # CUT alone: no segmentor to evaluate
             return {}
-        return evaluate(self.student.segmentor, self.val_set, self.cfg, device=self.device, progress=False)
+        return evaluate(self.student.segmentor, self.val_set, self.cfg, device=self.device, progress=False,
+                        shard=(self.dist.rank, self.dist.world_size), reduce=self.dist.all_reduce_)
 
     @staticmethod
     def _metrics(result):
@@ -376,13 +408,18 @@ class Trainer:
             "style": None if self.style is None else self.style.state_dict(),
         }
 
-    def save(self, result):
+    def _note_best(self, result):
+        """Whether `result` improves on the best so far (and remember it if so)."""
         metrics = self._metrics(result)
         metric = metrics[0] if metrics else None
         value = result[metric] if metric else float("nan")
         improved = not math.isnan(value) and value > self.best["value"]
         if improved:
             self.best = {"metric": metric, "value": value, "iter": self.t}
+        return improved
+
+    def save(self, result):
+        improved = self._note_best(result)
         state = self.state()
         save_atomic(state, self.work_dir / "last.pth")
         if improved:

@@ -43,3 +43,22 @@ def test_fast_step_gives_the_eager_fp32_losses(eager_fp32):
     assert got.keys() == expected.keys() and {"mix_contrast", "src_contrast", "fdist"} <= got.keys()
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=5e-2, abs=1e-3), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: the sync check is a CUDA feature")
+@pytest.mark.parametrize("stage,cut", [(1, True), (2, False)], ids=["stage1", "stage2"])
+def test_cuda_step_has_no_host_sync(tmp_path, stage, cut):
+    """After warm-up (compilation, CUDA-graph recording), a whole training step runs under
+    torch.cuda.set_sync_debug_mode('error'): any device-to-host read or blocking copy raises."""
+    cfg = tiny_config(tmp_path, cut=cut)
+    trainer = Trainer(cfg, stage, tmp_path / "run", device="cuda", progress=False)
+    assert trainer.runtime["check_finite"] == "log" and trainer.runtime["amp"] == "bf16"
+    for t in range(2, 5):  # every gate open from t = 2
+        batch = trainer.steps[t]
+        if t == 4:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            trainer.step(batch, t)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -123,7 +123,7 @@ def test_run_outputs(tmp_path):
     written = load_config(out / "config.py")
     # the run records how it executed: the CPU defaults, resolved
     assert written.pop("runtime") == {"amp": "fp32", "channels_last": False, "compile": None,
-                                      "fused_optimizer": False, "check_finite": "step"}
+                                      "fused_optimizer": False, "check_finite": "step", "sync_bn": False}
     assert written == cfg
     lines = (out / "log.jsonl").read_text().splitlines()
     assert len([line for line in lines if '"mIoU"' in line]) == 2 and len(lines) == 6
