@@ -66,6 +66,7 @@ def main(argv=None):
 
     from confeti_fast import ops
     from confeti_fast.config import merge
+    from confeti_fast.distributed import shutdown
     from confeti_fast.trainer import Trainer
 
     ops.set_kernels(args.kernels)
@@ -81,8 +82,10 @@ def main(argv=None):
                           cut_checkpoint=args.cut_checkpoint if stage == stages[0] else None)
         result = trainer.train()
         metrics = ", ".join(f"{k} {100 * result[k]:.2f}" for k in ("mIoU", "mIoU16", "mIoU13") if k in result)
-        print(f"stage {stage}: " + (f"target {metrics} " if metrics else "") +
-              f"after {trainer.t} iterations; outputs in {trainer.work_dir}", flush=True)
+        if trainer.dist.is_main:
+            print(f"stage {stage}: " + (f"target {metrics} " if metrics else "") +
+                  f"after {trainer.t} iterations; outputs in {trainer.work_dir}", flush=True)
+    shutdown()  # leave the torchrun process group, if any
     return result
 
 
