@@ -72,6 +72,15 @@ def _as_inputs(labels, valid):
     return labels, valid
 
 
+def _num_classes(cam, num_classes, op):
+    """`num_classes`, defaulting to the CAM's channel count (required when cam is None)."""
+    if num_classes is not None:
+        return int(num_classes)
+    if cam is None:
+        raise ValueError(f"{op}: num_classes is required when cam is None")
+    return int(cam.shape[1])
+
+
 def _require():
     if not AVAILABLE:
         raise RuntimeError(f"confeti_fast._C is not available ({LOAD_ERROR}); "
@@ -114,13 +123,10 @@ def proto_class_stats(feats, cam, labels, valid=None, num_classes=None, top_k=32
     `num_classes` defaults to cam.shape[1] and is required when cam is None.
     """
     _require()
-    if num_classes is None:
-        if cam is None:
-            raise ValueError("proto_class_stats: num_classes is required when cam is None")
-        num_classes = cam.shape[1]
+    num_classes = _num_classes(cam, num_classes, "proto_class_stats")
     labels, valid = _as_inputs(labels, valid)
     with torch.no_grad():
-        return torch.ops.confeti_fast.proto_class_stats(feats, cam, labels, valid, int(num_classes), int(top_k))
+        return torch.ops.confeti_fast.proto_class_stats(feats, cam, labels, valid, num_classes, int(top_k))
 
 
 def proto_ema_apply(prototypes, counts, weighted_sum, weight_sum, kept, momentum=0.999):
@@ -139,12 +145,9 @@ def proto_select(cam, labels, valid=None, num_classes=None, top_k=32):
     defaults to cam.shape[1] and is required when cam is None.
     """
     _require()
-    if num_classes is None:
-        if cam is None:
-            raise ValueError("proto_select: num_classes is required when cam is None")
-        num_classes = cam.shape[1]
+    num_classes = _num_classes(cam, num_classes, "proto_select")
     labels, valid = _as_inputs(labels, valid)
-    return torch.ops.confeti_fast.proto_select(cam, labels, valid, int(num_classes), int(top_k))
+    return torch.ops.confeti_fast.proto_select(cam, labels, valid, num_classes, int(top_k))
 
 
 def emulate_cuda(prototypes, counts, feats, cam, labels, valid=None, momentum=0.999, top_k=32):
