@@ -69,6 +69,14 @@ def _blocks(num_classes, dim):
 if AVAILABLE:
 
     @triton.jit
+    def _pixel_offset(flat, HW, W, s_b, s_y, s_x):
+        """Element offset of flat pixel index (b, y, x) in a (B, D, h, w) map with these strides."""
+        b = flat // HW
+        rem = flat - b * HW
+        y = rem // W
+        return b * s_b + y * s_y + (rem - y * W) * s_x
+
+    @triton.jit
     def _sample_rows_kernel(feat_ptr, idx_ptr, lab_ptr, proto_ptr, scale_ptr, loss_ptr, rowgrad_ptr,
                             N, D, K, HW, W, s_b, s_d, s_y, s_x, inv_tau, eps,
                             IGNORE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -77,11 +85,7 @@ if AVAILABLE:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         flat = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
-        b = flat // HW
-        rem = flat - b * HW
-        y = rem // W
-        x = rem - y * W
-        base = b * s_b + y * s_y + x * s_x
+        base = _pixel_offset(flat, HW, W, s_b, s_y, s_x)
         lab = tl.load(lab_ptr + flat, mask=rmask, other=-1)
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
@@ -140,10 +144,7 @@ if AVAILABLE:
         pmask = pix < M
         lab = tl.load(lab_ptr + pix, mask=pmask, other=IGNORE)
         keep = pmask & (lab != IGNORE)
-        b = pix // HW
-        rem = pix - b * HW
-        y = rem // W
-        base = b * s_b + y * s_y + (rem - y * W) * s_x
+        base = _pixel_offset(pix, HW, W, s_b, s_y, s_x)
         out = part_ptr + pid.to(tl.int64) * D
         if ONE_CHUNK:
             ds = tl.arange(0, BLOCK_D)
@@ -179,12 +180,8 @@ if AVAILABLE:
         keep = pmask & (lab != IGNORE)
         slot = tl.load(slot_ptr + pix, mask=pmask, other=-1).to(tl.int64)
         sampled = slot >= 0
-        b = pix // HW
-        rem = pix - b * HW
-        y = rem // W
-        x = rem - y * W
-        base = b * s_b + y * s_y + x * s_x
-        obase = b * o_b + y * o_y + x * o_x
+        base = _pixel_offset(pix, HW, W, s_b, s_y, s_x)
+        obase = _pixel_offset(pix, HW, W, o_b, o_y, o_x)
         w_reg = tl.where(keep, tl.load(greg_ptr), 0.0)
         g_ce = tl.load(gce_ptr)
         # Regulariser: every kept pixel gets mean_grad through its own normalization.
