@@ -68,3 +68,10 @@ def nonempty(t, fallback):
     """`t`, or a 1-element stand-in when `t` is empty, so no kernel receives a null pointer
     (its loads are masked off anyway)."""
     return t if t.numel() > 0 else fallback
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """`kernel[grid](*args, **kwargs)`, marked in the profiler as `triton::<name>` so that
+    `confeti_fast.profiling.count_launches` counts it once (with what the interpreter does inside)."""
+    with torch.profiler.record_function(f"triton::{kernel.__name__}"):
+        return kernel[grid](*args, **kwargs)

@@ -36,7 +36,7 @@ import torch
 from confeti_fast.ops import reference
 
 from ._triton_common import (AVAILABLE, EPS, INTERPRET, LOAD_ERROR, NAMESPACE, can_run, cdiv,
-                             device_guard, next_pow2, nonempty, op_registered, tl, triton)
+                             device_guard, launch, next_pow2, nonempty, op_registered, tl, triton)
 
 __all__ = ["pixel_proto_contrast", "AVAILABLE", "LOAD_ERROR", "INTERPRET"]
 
@@ -257,13 +257,13 @@ def _forward_impl(feats, labels, prototypes, sample_idx, tau, ce_weight, reg_wei
     parts = torch.empty(num_parts, D, device=dev, dtype=torch.float32)
     s_b, s_d, s_y, s_x = feats.stride()
     with device_guard(dev):
-        _sample_rows_kernel[(max(1, cdiv(N, blocks["sample_n"])),)](
+        launch(_sample_rows_kernel, (max(1, cdiv(N, blocks["sample_n"])),),
             feats, nonempty(sample_idx, flat_labels), flat_labels, protos, scale,
             nonempty(ce_rows, scale), nonempty(row_grad, scale),
             N, D, K, H * W, W, s_b, s_d, s_y, s_x, 1.0 / tau, EPS,
             IGNORE=IGNORE_INDEX, BLOCK_N=blocks["sample_n"], BLOCK_D=blocks["sample_d"], BLOCK_K=blocks["sample_k"],
             num_warps=blocks["sample_warps"])
-        _kept_sum_kernel[(num_parts,)](
+        launch(_kept_sum_kernel, (num_parts,),
             feats, flat_labels, parts, M, D, H * W, W, s_b, s_d, s_y, s_x, EPS,
             IGNORE=IGNORE_INDEX, BLOCK_M=blocks["pixel_m"], BLOCK_D=blocks["pixel_d"],
             ONE_CHUNK=blocks["one_chunk"], num_warps=blocks["pixel_warps"])
@@ -298,7 +298,7 @@ def _backward_impl(grad_ce, grad_reg, feats, labels, sample_idx, row_grad, mean_
     s_b, s_d, s_y, s_x = feats.stride()
     o_b, o_d, o_y, o_x = out.stride()
     with device_guard(dev):
-        _backward_kernel[(max(1, cdiv(M, blocks["pixel_m"])),)](
+        launch(_backward_kernel, (max(1, cdiv(M, blocks["pixel_m"])),),
             feats, flat_labels, slot, nonempty(row_grad, mean_grad), mean_grad, gce, greg, out,
             M, D, H * W, W, s_b, s_d, s_y, s_x, o_b, o_d, o_y, o_x, EPS,
             IGNORE=IGNORE_INDEX, BLOCK_M=blocks["pixel_m"], BLOCK_D=blocks["pixel_d"],

@@ -28,7 +28,7 @@ import torch
 from confeti_fast.ops import reference
 
 from ._triton_common import (AVAILABLE, INTERPRET, LOAD_ERROR, NAMESPACE, can_run, cdiv, device_guard,
-                             next_pow2, op_registered, tl, triton)
+                             launch, next_pow2, op_registered, tl, triton)
 
 __all__ = ["patch_nce", "AVAILABLE", "LOAD_ERROR", "INTERPRET"]
 
@@ -109,7 +109,7 @@ def _forward_impl(q, k, batch_size, tau, scale):
     if row_loss.numel() > 0:
         grid = (L, batch_size, cdiv(P, blocks["rows"]))
         with device_guard(q.device):
-            _patch_nce_kernel[grid](
+            launch(_patch_nce_kernel, grid,
                 q, k, row_loss, grad, P, C, R, *q.stride(), *k.stride(), 1.0 / tau, scale,
                 BLOCK_P=blocks["rows"], BLOCK_KEYS=blocks["keys"], BLOCK_C=blocks["c"],
                 num_warps=blocks["warps"])

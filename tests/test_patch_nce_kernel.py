@@ -1,0 +1,134 @@
+"""The fused PatchNCE Triton op against the reference op (the contract): loss and q gradients.
+
+Runs on CPU under the Triton interpreter and on CUDA when a GPU is present; the tolerances
+(fp32 and bf16) are those of tests/test_contrast_kernel.py and live in triton_support.py.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from confeti_fast.kernels import patch_nce as kp
+from confeti_fast.ops import reference
+from triton_support import BF16_GRAD_ATOL_FRAC, BF16_GRAD_RTOL, BF16_LOSS, DEVICES, FP32, needs_cuda
+from triton_support import exact_fp32_matmul  # noqa: F401  (autouse fixture)
+
+if not kp.AVAILABLE:
+    pytest.skip(f"Triton unusable here: {kp.LOAD_ERROR}", allow_module_level=True)
+
+
+# ------------------------------------------------------------------------------ PatchNCE
+
+def nce_case(device, shapes, batch_size, dtype=torch.float32, seed=0):
+    """q and k layers as (B*P, C) rows, L2-normalized like PatchSampleF's output."""
+    gen = torch.Generator().manual_seed(seed)
+    qs, ks = [], []
+    for patches, channels in shapes:
+        for out in (qs, ks):
+            out.append(F.normalize(torch.randn(batch_size * patches, channels, generator=gen), dim=1)
+                       .to(device=device, dtype=dtype))
+    return qs, ks
+
+
+def run_nce(fn, qs, ks, batch_size, tau=0.07):
+    q_leaves = [q.detach().clone().requires_grad_(True) for q in qs]
+    k_leaves = [k.detach().clone().requires_grad_(True) for k in ks]
+    loss = fn(q_leaves, k_leaves, batch_size, tau=tau)
+    loss.backward()
+    assert all(k.grad is None for k in k_leaves), "k must be detached"
+    return loss.detach(), [q.grad for q in q_leaves]
+
+
+NCE_CASES = {
+    "p10_c16_3layers": ([(10, 16)] * 3, 2),
+    "p40_c40_2layers_b3": ([(40, 40)] * 2, 3),  # 2 row blocks, C tail of 8
+    "p256_c32": ([(256, 32)], 2),
+    "mixed_shapes": ([(8, 16), (8, 16), (12, 24), (8, 16), (5, 16)], 2),  # 3 launches
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(NCE_CASES))
+def test_patch_nce_matches_reference(device, name):
+    shapes, batch_size = NCE_CASES[name]
+    qs, ks = nce_case(device, shapes, batch_size)
+    loss, grads = run_nce(kp.patch_nce, qs, ks, batch_size)
+    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, batch_size)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, rloss, **FP32)
+    for g, rg in zip(grads, rgrads):
+        torch.testing.assert_close(g, rg, **FP32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_nce_other_tau_and_unnormalized_q(device):
+    # q is used as given (no renormalization), exactly like the reference.
+    qs, ks = nce_case(device, [(10, 16)] * 2, 2)
+    qs = [3.0 * q for q in qs]
+    loss, grads = run_nce(kp.patch_nce, qs, ks, 2, tau=0.2)
+    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, 2, tau=0.2)
+    torch.testing.assert_close(loss, rloss, **FP32)
+    for g, rg in zip(grads, rgrads):
+        torch.testing.assert_close(g, rg, **FP32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_nce_opcheck(device):
+    qs, ks = nce_case(device, [(10, 16)] * 2, 2)
+    q = torch.stack(qs).requires_grad_(True)
+    torch.library.opcheck(torch.ops.confeti_fast.patch_nce_forward.default,
+                          (q, torch.stack(ks), 2, 0.07, 1.0 / 40))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_patch_nce_compiles_without_graph_breaks(device):
+    qs, ks = nce_case(device, [(10, 16), (10, 16), (6, 16)], 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k: kp.patch_nce(q, k, 2), fullgraph=True, backend="aot_eager")
+    a = [q.clone().requires_grad_(True) for q in qs]
+    b = [q.clone().requires_grad_(True) for q in qs]
+    la, lb = compiled(a, ks), kp.patch_nce(b, ks, 2)
+    torch.testing.assert_close(la, lb, **FP32)
+    la.backward()
+    lb.backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, **FP32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shapes", [[(10, 16)] * 3, [(256, 256)] * 5], ids=["small", "training_size"])
+def test_patch_nce_bf16_cuda(shapes):
+    qs, ks = nce_case("cuda", shapes, 2, dtype=torch.bfloat16)
+    loss, grads = run_nce(kp.patch_nce, qs, ks, 2)
+    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, 2)
+    torch.testing.assert_close(loss, rloss, **BF16_LOSS)
+    for g, rg in zip(grads, rgrads):
+        assert g.dtype == torch.bfloat16 == rg.dtype
+        torch.testing.assert_close(g.float(), rg.float(), rtol=BF16_GRAD_RTOL,
+                                   atol=BF16_GRAD_ATOL_FRAC * rg.float().abs().max().item())
+
+
+@needs_cuda
+def test_patch_nce_training_size_fp32_cuda():
+    qs, ks = nce_case("cuda", [(256, 256)] * 5, 2)
+    loss, grads = run_nce(kp.patch_nce, qs, ks, 2)
+    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, 2)
+    torch.testing.assert_close(loss, rloss, **FP32)
+    for g, rg in zip(grads, rgrads):
+        torch.testing.assert_close(g, rg, **FP32)
+
+
+@needs_cuda
+def test_patch_nce_has_no_host_syncs_cuda():
+    qs, ks = nce_case("cuda", [(10, 16)] * 2, 2)
+
+    def forward_backward():
+        q_leaves = [q.clone().requires_grad_(True) for q in qs]
+        kp.patch_nce(q_leaves, ks, 2).backward()
+
+    forward_backward()  # compiles the kernel first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        forward_backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
