@@ -53,6 +53,7 @@ RUNTIME_CHOICES = {
     "fused_optimizer": (False, True),
     "check_finite": ("step", "log"),
     "sync_bn": (False, True),
+    "deterministic": (False, True),
 }
 METHODS = ("confeti", "source_only")
 EVAL_CLASS_SETS = ("all", "synthia16")

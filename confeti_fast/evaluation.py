@@ -193,6 +193,9 @@ def _upsample(logits, size):
 
 def _forward(model, image, autocast_dtype):
     """Logits of the model at the input size (float32), like mmseg's encode_decode."""
+    # Under CUDA graphs (compile mode reduce-overhead) each forward is its own step: the
+    # previous forward's outputs, or the last training step's, are never read after this.
+    torch.compiler.cudagraph_mark_step_begin()
     with _autocast(image.device.type, autocast_dtype):
         logits = model(image)
     return _upsample(logits.float(), image.shape[-2:])

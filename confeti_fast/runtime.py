@@ -17,8 +17,17 @@ run's config.py:
     sync_bn           False         False             multi-GPU: SyncBatchNorm in the student
                                                       (CUDA only); off, ranks take rank 0's BN
                                                       statistics after each step
+    deterministic     False         False             True: cuDNN's deterministic algorithms and
+                                                      no cudnn.benchmark autotuning (other CUDA
+                                                      ops, e.g. upsampling backward, still use
+                                                      atomics); False: cudnn.benchmark on CUDA
+
+Compiled modules: each gets its own dynamo code cache (`compile_module`), is compiled with
+`dynamic=False` (the crops have fixed shapes), and a module that would exceed dynamo's
+recompile limit raises instead of quietly running eager.
 """
 import contextlib
+import types
 
 import torch
 
@@ -26,9 +35,9 @@ from .config import RUNTIME_CHOICES
 
 DEFAULTS = {
     "cpu": {"amp": "fp32", "channels_last": False, "compile": None, "fused_optimizer": False, "check_finite": "step",
-            "sync_bn": False},
+            "sync_bn": False, "deterministic": False},
     "cuda": {"amp": "bf16", "channels_last": True, "compile": "reduce-overhead", "fused_optimizer": True,
-             "check_finite": "log", "sync_bn": False},
+             "check_finite": "log", "sync_bn": False, "deterministic": False},
 }
 
 
@@ -43,6 +52,15 @@ def resolve(runtime, device_type):
     return resolved
 
 
+def configure_backends(runtime, device_type):
+    """Process-wide backend switches the run asks for (cuDNN autotuning, recompile policy)."""
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = not runtime["deterministic"]
+        torch.backends.cudnn.deterministic = runtime["deterministic"]
+    if runtime["compile"]:
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def autocast(runtime, device_type):
     """bf16 autocast when the run asks for it, else a no-op context."""
     if runtime["amp"] == "bf16":
@@ -52,11 +70,26 @@ def autocast(runtime, device_type):
 
 def prepare_module(module, runtime, compiled=None):
     """channels_last for `module`, and torch.compile for its part `compiled` (default: all of
-    it), in place: `nn.Module.compile` keeps the state-dict keys, so checkpoints do not change."""
+    it), in place; the state-dict keys do not change, so neither do checkpoints."""
     if runtime["channels_last"]:
         module.to(memory_format=torch.channels_last)
     if runtime["compile"]:
-        (compiled or module).compile(mode=runtime["compile"])
+        compile_module(compiled or module, runtime["compile"])
+    return module
+
+
+def compile_module(module, mode):
+    """Compile `module.forward` with a dynamo code cache of its own.
+
+    dynamo keeps its compiled entries on the code object, and its recompile limit counts per
+    code object: `nn.Module.compile` compiles the shared `Module._call_impl`, and even
+    `torch.compile(module.forward)` shares the class's `forward` code between the student,
+    teacher and ImageNet backbones. A copy of the code object gives each module its own cache."""
+    forward = type(module).forward
+    own = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__,
+                             forward.__defaults__, forward.__closure__)
+    own.__kwdefaults__ = forward.__kwdefaults__
+    module.forward = torch.compile(types.MethodType(own, module), mode=mode, dynamic=False)
     return module
 
 
@@ -68,12 +101,6 @@ def mark_step_begin(runtime):
     """CUDA graphs (compile mode reduce-overhead) must know where one iteration ends."""
     if runtime["compile"] in ("reduce-overhead", "max-autotune"):
         torch.compiler.cudagraph_mark_step_begin()
-
-
-def eager():
-    """A block that runs uncompiled even inside compiled modules (e.g. functional_call with
-    swapped weights, which would recompile on every call)."""
-    return torch.compiler.set_stance("force_eager")
 
 
 def constant(values, device, dtype=None):

@@ -10,11 +10,13 @@ from .models.cut import NCE_LAYERS, build_cut, cut_to_imagenet, imagenet_to_cut,
 
 
 class StyleTransfer:
-    def __init__(self, cut_cfg, device, mean, std, fused=False, grad_sync=None):
+    def __init__(self, cut_cfg, device, mean, std, fused=False, grad_sync=None, prepare=None):
         """`grad_sync(params)` runs before each optimizer step (multi-GPU: averages the
-        gradients over ranks)."""
+        gradients over ranks); `prepare(x)` gives every image that G or D sees the run's memory
+        format (one format per compiled module input)."""
         self.cfg, self.mean, self.std = cut_cfg, mean, std
         self.grad_sync = grad_sync or (lambda params: None)
+        self.prepare = prepare or (lambda x: x)
         nets = build_cut(cut_cfg["ngf"], cut_cfg["ndf"], cut_cfg["n_blocks"], cut_cfg["nce_dim"],
                          cut_cfg["num_patches"])
         self.G, self.D, self.F = (net.to(device) for net in nets)
@@ -28,7 +30,11 @@ class StyleTransfer:
         return {"G": self.G, "D": self.D, "F": self.F}
 
     def to_cut(self, x):
-        return imagenet_to_cut(x, self.mean, self.std)
+        return self.prepare(imagenet_to_cut(x, self.mean, self.std))
+
+    def stylize(self, x_cut):
+        """G(x) for an image in CUT's range, in the run's memory format."""
+        return self.prepare(self.G(x_cut))
 
     def to_imagenet(self, x):
         return cut_to_imagenet(x, self.mean, self.std)
@@ -57,6 +63,7 @@ class StyleTransfer:
         loss.backward()
         self.grad_sync(list(self.D.parameters()))
         self.opt_D.step()
+        self.opt_D.zero_grad(set_to_none=True)  # released at once (see Trainer._optimizer_step)
         return loss.detach()
 
     def g_step(self, real_source, fake, real_target, identity, gen, check, consistency=None):
@@ -71,6 +78,7 @@ class StyleTransfer:
         (gan + nce + (0.0 if consistency is None else consistency)).backward()
         self.grad_sync(list(self.G.parameters()) + list(self.F.parameters()))
         self.opt_G.step()
+        self.opt_G.zero_grad(set_to_none=True)
         self.D.requires_grad_(True)
         return {"cut_gan": gan.detach(), "cut_nce": nce.detach()}
 

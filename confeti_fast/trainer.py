@@ -26,7 +26,7 @@ from .losses import cam_loss, feature_distance, nearest_downsample, seg_ce
 from .models import load_model_weights, upsample_logits
 from .models.heads import ConfetiNet, reg_proj
 from .ops.reference import sample_pixels
-from .optim import build_optimizer, set_lr, update_teacher
+from .optim import build_optimizer, copy_state, set_lr, update_teacher
 from .visualize import denormalize, label_picture, plot_curves, save_panel, weight_picture
 
 
@@ -56,6 +56,7 @@ class Trainer:
             device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
         self.device = device
         self.runtime = runtime.resolve(cfg.get("runtime"), self.device.type)
+        runtime.configure_backends(self.runtime, self.device.type)
         self.cfg = cfg = merge(cfg, {"runtime": self.runtime})  # the run's config.py records the choices
         self.work_dir = Path(work_dir) / f"stage{stage}"
         self.max_iters = cfg["stages"][str(stage)]["iters"]
@@ -79,9 +80,13 @@ class Trainer:
             [p for m in self.student.head_modules() for p in m.parameters()] + list(self.reg_proj.parameters()),
             cfg["optimizer"], fused=self.runtime["fused_optimizer"])
         self.style = self._build_style(cut_checkpoint)
+        # Stage 1's consistency term runs f and h frozen: a copy refreshed from the student each
+        # step (a module of its own, so its compiled backbone never sees swapped weights).
+        self.frozen_student = self._frozen_copy(self.student) if self.style and stage == 1 else None
         # The backbones hold nearly all the compute: they are what gets compiled.
-        for net in (self.student, self.teacher):
-            runtime.prepare_module(net, self.runtime, compiled=net.segmentor.backbone)
+        for net in (self.student, self.teacher, self.frozen_student):
+            if net is not None:
+                runtime.prepare_module(net, self.runtime, compiled=net.segmentor.backbone)
         runtime.prepare_module(self.imnet, self.runtime, compiled=self.imnet.backbone)
         self.steps = PairedSteps(cfg, stage, self.dist.rank, self.dist.world_size, progress=progress and self.dist.is_main)
         self.val_set = build_dataset(cfg["target"], "val")
@@ -101,7 +106,8 @@ class Trainer:
         from .style import StyleTransfer, load_style
 
         style = StyleTransfer(self.cfg["cut"], self.device, self.cfg["pipeline"]["mean"], self.cfg["pipeline"]["std"],
-                              fused=self.runtime["fused_optimizer"], grad_sync=self.dist.average_gradients)
+                              fused=self.runtime["fused_optimizer"], grad_sync=self.dist.average_gradients,
+                              prepare=lambda x: runtime.prepare_input(x, self.runtime))
         source = cut_checkpoint
         if source is None and self.stage > 0:
             previous = self.work_dir.parent / f"stage{self.stage - 1}" / "last.pth"
@@ -170,11 +176,11 @@ class Trainer:
             x_st = x_s
         elif self.stage == 2:
             with torch.no_grad():
-                x_st = style.to_imagenet(style.G(style.to_cut(x_s)))
+                x_st = style.to_imagenet(style.stylize(style.to_cut(x_s)))
         else:
             cut = {"real_source": style.to_cut(x_s), "real_target": style.to_cut(x_t)}
-            cut["fake"] = style.G(cut["real_source"])
-            cut["identity"] = style.G(cut["real_target"])
+            cut["fake"] = style.stylize(cut["real_source"])
+            cut["identity"] = style.stylize(cut["real_target"])
             x_st = style.to_imagenet(cut["fake"])
         # 3. pseudo labels on the target
         with torch.no_grad():
@@ -188,6 +194,7 @@ class Trainer:
         w_m = torch.where(mask, torch.ones_like(w_t), w_t)
         x_m = strong_augment(x_m, cfg["pipeline"]["mean"], cfg["pipeline"]["std"], gen,
                              tcfg["color_jitter"]["strength"], tcfg["color_jitter"]["prob"], tcfg["blur"])
+        x_m = runtime.prepare_input(x_m, self.runtime)  # the augmentations may change its layout
         # 5. prototype EMA update from the teacher on the mixed image
         warmup = t <= tcfg["contrast_after"]
         with torch.no_grad():
@@ -250,16 +257,16 @@ class Trainer:
 
     def _consistency(self, x_s, x_st):
         """Prototypical semantic consistency: w * MSE(reg_proj(h(f(x_st))) . P^T, stopgrad(h(f(x_s)) . P^T))
-        with f and h frozen for this term (detached weights, copied BN buffers); its gradient
-        reaches G through x_st, and reg_proj."""
-        frozen = {name: p.detach() for name, p in self.student.named_parameters()}
-        frozen.update({name: b.clone() for name, b in self.student.named_buffers()})
+        with f and h frozen for this term (the student's weights and BN buffers copied into
+        `frozen_student`, whose parameters take no gradient); its gradient reaches G through
+        x_st, and reg_proj."""
+        frozen = self.frozen_student
+        copy_state(frozen, self.student)
         protos = self.prototypes.detach()
-        with runtime.eager():  # swapped-in weights would make the compiled backbone recompile
-            stylized = torch.func.functional_call(self.student, frozen, (x_st,))["proj"]
-            with torch.no_grad():
-                original = torch.func.functional_call(self.student, frozen, (x_s,))["proj"]
-            target = torch.einsum("bdhw,kd->bkhw", original.float(), protos)
+        stylized = frozen(x_st)["proj"]
+        with torch.no_grad():
+            original = frozen(x_s)["proj"]
+        target = torch.einsum("bdhw,kd->bkhw", original.float(), protos)
         similarity = torch.einsum("bdhw,kd->bkhw", self.reg_proj(stylized).float(), protos)
         return self.cfg["cut"]["consistency_weight"] * F.mse_loss(similarity, target)
 
@@ -267,7 +274,7 @@ class Trainer:
         """Stage 0: the CUT D and G/F steps alone."""
         style = self.style
         real_source, real_target = style.to_cut(x_s), style.to_cut(x_t)
-        fake, identity = style.G(real_source), style.G(real_target)
+        fake, identity = style.stylize(real_source), style.stylize(real_target)
         check = lambda values: self._check_finite(values, self.t)  # noqa: E731
         losses = {"cut_d": style.d_step(real_target, fake, check)}
         losses.update(style.g_step(real_source, fake, real_target, identity, gen, check))
@@ -288,6 +295,9 @@ class Trainer:
     def _optimizer_step(self):
         self.dist.average_gradients([p for group in self.optimizer.param_groups for p in group["params"]])
         self.optimizer.step()
+        # Released now, not at the next step's start: under CUDA graphs the gradients are graph
+        # outputs that the next replay (an evaluation's included) would overwrite.
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _read_means(self, sums, counts, first, last):
         """The mean of each loss over iterations first..last-1, in one device-to-host copy; a

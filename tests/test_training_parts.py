@@ -12,7 +12,7 @@ import torch.nn as nn
 from confeti_fast.data.augment import (blur_kernel_size, class_mix_masks, color_jitter, gaussian_blur, mix,
                                        strong_augment)
 from confeti_fast.losses import cam_loss, downscale_label_ratio, feature_distance, nearest_downsample, seg_ce
-from confeti_fast.optim import build_optimizer, ema_alpha, lr_at, set_lr, update_teacher
+from confeti_fast.optim import build_optimizer, copy_state, ema_alpha, lr_at, set_lr, update_teacher
 from confeti_fast.trainer import pseudo_labels
 
 THINGS = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
@@ -314,6 +314,40 @@ def test_update_teacher_copies_at_t0():
     update_teacher(teacher, student, 0, 0.999)
     assert _params(teacher) == _params(student)
     assert teacher[1].running_mean.item() == 7.0
+
+
+def _resnet_pair():
+    from confeti_fast.models.resnet import ResNetV1c
+
+    torch.manual_seed(0)
+    a, b = ResNetV1c(18), ResNetV1c(18)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p))
+        b(torch.randn(2, 3, 32, 32))  # moves b's BN running statistics
+    return a, b
+
+
+@pytest.mark.parametrize("t", [0, 1, 7, 100_000])
+def test_update_teacher_is_bitwise_the_per_parameter_loop(t):
+    # The multi-tensor update must give exactly what the plain per-parameter loop gives.
+    teacher, student = _resnet_pair()
+    expected = [p.detach().clone() for p in teacher.parameters()]
+    alpha = ema_alpha(t, 0.999)
+    for p_t, p_s in zip(expected, student.parameters()):
+        if t == 0:
+            p_t.copy_(p_s.detach())
+        else:
+            p_t.mul_(alpha).add_(p_s.detach(), alpha=1.0 - alpha)
+    update_teacher(teacher, student, t, 0.999)
+    assert all(torch.equal(got, want) for got, want in zip(teacher.parameters(), expected))
+
+
+def test_copy_state_is_bitwise_the_per_tensor_copy():
+    destination, source = _resnet_pair()
+    copy_state(destination, source)
+    pairs = list(zip(destination.parameters(), source.parameters())) + list(zip(destination.buffers(), source.buffers()))
+    assert len(pairs) > 100 and all(torch.equal(d, s) and d.data_ptr() != s.data_ptr() for d, s in pairs)
 
 
 # ---------------------------------------------------------------- learning rate

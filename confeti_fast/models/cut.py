@@ -66,9 +66,25 @@ class Upsample(nn.Module):
         self.register_buffer("filt", filt[None, None].repeat(channels, 1, 1, 1))
 
     def forward(self, x):
+        if torch.compiler.is_compiling():
+            return upsample_separable(x)
         x = F.pad(x, (1, 1, 1, 1), mode="replicate")
         out = F.conv_transpose2d(x, self.filt.to(x.dtype), stride=2, padding=2, groups=x.shape[1])
         return out[:, :, 1:-1, 1:-1]
+
+
+def upsample_separable(x):
+    """`Upsample` as two 1-D passes of taps (1/4, 3/4) on edge-clamped neighbours, the same
+    filter up to rounding. Compiled graphs use it: inductor mispredicts the output strides of
+    replication_pad2d_backward (a stride assertion on the CPU) and of the transposed
+    convolution's backward (pytorch issues 171622 and 184026), which would crash stage 0/1."""
+    for dim in (3, 2):
+        n = x.shape[dim]
+        previous = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+        following = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+        even, odd = 0.25 * previous + 0.75 * x, 0.75 * x + 0.25 * following
+        x = torch.stack([even, odd], dim + 1).flatten(dim, dim + 1)
+    return x
 
 
 def _instance_norm(channels):
