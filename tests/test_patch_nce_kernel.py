@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from confeti_fast.kernels import patch_nce as kp
 from confeti_fast.ops import reference
+from confeti_fast.profiling import count_launches
 from triton_support import BF16_GRAD_ATOL_FRAC, BF16_GRAD_RTOL, BF16_LOSS, DEVICES, FP32, needs_cuda
 from triton_support import exact_fp32_matmul  # noqa: F401  (autouse fixture)
 
@@ -73,10 +74,12 @@ def test_patch_nce_other_tau_and_unnormalized_q(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_patch_nce_opcheck(device):
-    qs, ks = nce_case(device, [(10, 16)] * 2, 2)
-    q = torch.stack(qs).requires_grad_(True)
-    torch.library.opcheck(torch.ops.confeti_fast.patch_nce_forward.default,
-                          (q, torch.stack(ks), 2, 0.07, 1.0 / 40))
+    qs, ks = nce_case(device, [(10, 16)] * 2 + [(6, 8)], 2)
+    qs = [q.requires_grad_(True) for q in qs]
+    torch.library.opcheck(torch.ops.confeti_fast.patch_nce_forward.default, (qs, ks, 2, 0.07))
+    grads = [torch.randn(q.shape, device=device) for q in qs]
+    torch.library.opcheck(torch.ops.confeti_fast.patch_nce_backward.default,
+                          (grads, torch.tensor(0.5, device=device), [0, 1, 0]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,3 +135,71 @@ def test_patch_nce_has_no_host_syncs_cuda():
         forward_backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# ------------------------------------------------------------------------------ launches, layer layouts
+
+ROWS, SUM, SCALE = "triton::_patch_nce_rows_kernel", "triton::_patch_nce_sum_kernel", "triton::_patch_nce_scale_kernel"
+
+
+def nce_launches(qs, ks, batch_size, grad_out):
+    """(launch names of one forward + backward, loss, q grads); q leaves made outside the count."""
+    q_leaves = [q.detach().clone().requires_grad_(True) for q in qs]
+    out = {}
+
+    def step():
+        out["loss"] = kp.patch_nce(q_leaves, ks, batch_size)
+        torch.autograd.backward([out["loss"]], [grad_out])
+
+    names = count_launches(step).names
+    return names, out["loss"].detach(), [q.grad for q in q_leaves]
+
+
+def test_patch_nce_forward_backward_launches():
+    # CUT's case: five layers of one shape -> rows kernel, loss sum, backward scale; no stacking.
+    qs, ks = nce_case("cpu", [(12, 24)] * 5, 2)
+    grad_out = torch.tensor(0.37)
+    names, loss, grads = nce_launches(qs, ks, 2, grad_out)
+    assert names == [ROWS, SUM, SCALE], names
+    assert "aten::stack" not in names and len(names) <= 3
+    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, 2)
+    torch.testing.assert_close(loss, rloss, **FP32)
+    for g, rg in zip(grads, rgrads):
+        torch.testing.assert_close(g, grad_out * rg, **FP32)
+    # Deterministic: a second run gives the same bits.
+    _, loss2, grads2 = nce_launches(qs, ks, 2, grad_out)
+    assert torch.equal(loss, loss2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+def test_patch_nce_mixed_dtypes_and_strides():
+    # Same shape, but a bf16 layer, a column-major q, a row-strided (sliced) k: the layers are
+    # read where they lie (no copies); each (dtype, strides) is its own rows launch.
+    qs, ks = nce_case("cpu", [(10, 16)] * 5, 2)
+    qs[1], ks[1] = qs[1].to(torch.bfloat16), ks[1].to(torch.bfloat16)
+    qs[2] = qs[2].t().contiguous().t()
+    ks[3] = torch.cat([ks[3], torch.randn_like(ks[3])], dim=1)[:, :16]
+    grad_out = torch.tensor(1.5)
+    names, loss, grads = nce_launches(qs, ks, 2, grad_out)
+    assert names == [ROWS] * 4 + [SUM, SCALE], names
+    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, 2)
+    torch.testing.assert_close(loss, rloss, **FP32)
+    for i, (g, rg) in enumerate(zip(grads, rgrads)):
+        assert g.dtype == qs[i].dtype == rg.dtype and g.shape == qs[i].shape
+        if i == 1:
+            torch.testing.assert_close(g.float(), grad_out * rg.float(), rtol=BF16_GRAD_RTOL,
+                                       atol=BF16_GRAD_ATOL_FRAC * rg.float().abs().max().item())
+        else:
+            torch.testing.assert_close(g, grad_out * rg, **FP32)
+
+
+def test_patch_nce_more_layers_than_pointer_slots(monkeypatch):
+    # Past MAX_LAYERS a group runs in several launches (forward and backward alike).
+    monkeypatch.setattr(kp, "MAX_LAYERS", 2)
+    qs, ks = nce_case("cpu", [(6, 16)] * 5, 2)
+    grad_out = torch.tensor(1.0)
+    names, loss, grads = nce_launches(qs, ks, 2, grad_out)
+    assert names == [ROWS] * 3 + [SUM] + [SCALE] * 3, names
+    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, 2)
+    torch.testing.assert_close(loss, rloss, **FP32)
+    for g, rg in zip(grads, rgrads):
+        torch.testing.assert_close(g, rg, **FP32)
