@@ -5,6 +5,7 @@
                     [--resume auto|PATH] [--kernels fused|reference] [--iters N]
                     [--cut-checkpoint PATH] [--amp bf16|fp32] [--[no-]channels-last]
                     [--compile MODE | --no-compile] [--[no-]fused-optimizer] [--check-finite step|log]
+                    [--[no-]deterministic]
 
 With no arguments: the demo preset on the embedded demo data (generated on first use),
 stage 1 then stage 2, ending with the target mIoU. Outputs go to WORK_DIR/stage<N>/:
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     fast.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None)
     fast.add_argument("--check-finite", choices=("step", "log"), default=None,
                       help="check losses for NaN/inf every step (a host sync) or when the log reads them")
+    fast.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                      help="cuDNN's deterministic algorithms instead of cudnn.benchmark autotuning")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -55,8 +58,8 @@ def main(argv=None):
     if args.iters is not None and args.iters < 1:
         raise ConfetiError(f"--iters must be positive, got {args.iters}")
     cfg = load_config(args.config)
-    runtime = {key: getattr(args, key) for key in ("amp", "channels_last", "compile", "fused_optimizer", "check_finite")
-               if getattr(args, key) is not None}
+    runtime = {key: getattr(args, key) for key in ("amp", "channels_last", "compile", "fused_optimizer", "check_finite",
+                                                   "deterministic") if getattr(args, key) is not None}
     if runtime.get("compile") == "off":
         runtime["compile"] = None
     styled = cfg["method"] == "confeti" and cfg["cut"]["enabled"]

@@ -62,3 +62,18 @@ def test_cuda_step_has_no_host_sync(tmp_path, stage, cut):
             trainer.step(batch, t)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cudnn_autotuning_unless_deterministic(deterministic, monkeypatch):
+    # CUDA runs autotune cuDNN's algorithms unless runtime.deterministic asks for reproducible ones.
+    from confeti_fast import runtime
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not deterministic)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", not deterministic)
+    resolved = runtime.resolve({"deterministic": deterministic}, "cuda")
+    runtime.configure_backends(resolved, "cuda")
+    assert torch.backends.cudnn.benchmark is (not deterministic)
+    assert torch.backends.cudnn.deterministic is deterministic
+    from train import parse_args
+    assert parse_args(["--deterministic"] if deterministic else ["--no-deterministic"]).deterministic is deterministic
