@@ -12,8 +12,9 @@ included, data loading excluded. Variants:
   (reduce-overhead) + fused AdamW + no per-step host sync.
 
 Shapes: CPU, the demo preset (ResNetV1c-18, 112 / 128 crops); CUDA, the paper's (ResNetV1c-101,
-512 crops in stage 1 and 640 in stage 2, batch 2 + 2, CUT with 64 base channels) on the demo
-data's datasets (the batch itself is synthetic, so no real data is needed).
+512 crops in stage 1 and 640 in stage 2, batch 2 + 2, CUT with 64 base channels). The batch is
+synthetic, so the datasets are a few small generated images (`train_cases.py`, which
+`gpu_suite.py` shares: configs, batch, trainers, FLOPs, MFU).
 
 Recorded in `extra_info`: the speed-up of `fast` over `reference` (same session), peak memory
 (CUDA: `max_memory_allocated` over the timed steps, weights and optimizer state included;
@@ -26,76 +27,19 @@ import platform
 import pytest
 import torch
 
+import train_cases as tc
 from confeti_fast import ops
-from confeti_fast.config import load_config
-from confeti_fast.trainer import Trainer
 
 CUDA = torch.cuda.is_available()
 _NO_CUDA = pytest.mark.skipif(not CUDA, reason="CUDA not available: the paper-shape step needs a GPU")
-REFERENCE_RUNTIME = {"amp": "fp32", "channels_last": False, "compile": None, "fused_optimizer": False,
-                     "check_finite": "step"}
 ROUNDS = {"cpu": (3, 1), "cuda": (10, 3)}  # timed steps, warm-up steps (after the first step)
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, per card
-STEP_T = 5000  # past every gate of both presets
+STEP_T = tc.STEP_T
 MEDIANS = {}
-
-
-def _config(device):
-    overrides = {"stages": {str(s): {"iters": 100_000} for s in ("0", "1", "2")}}
-    if device == "cuda":
-        overrides.update({"model": {"depth": 101, "pretrained": None}, "cut": {"ngf": 64, "ndf": 64},
-                          "stages": {"1": {"crop_size": [512, 512], "iters": 100_000},
-                                     "2": {"crop_size": [640, 640], "iters": 100_000}}})
-    return load_config("demo", overrides)
-
-
-def _batch(cfg, stage, gen):
-    height, width = cfg["stages"][str(stage)]["crop_size"]
-    ns, nt = cfg["batch"]["source"], cfg["batch"]["target"]
-    labels = torch.randint(0, cfg["num_classes"], (ns, height, width), generator=gen)
-    labels[:, : height // 10] = 255
-    return {"step": STEP_T, "source_image": torch.randn(ns, 3, height, width, generator=gen),
-            "source_label": labels, "target_image": torch.randn(nt, 3, height, width, generator=gen)}
-
-
-def _trainer(tmp_path, device, stage, variant):
-    cfg = _config(device)
-    cfg = dict(cfg, runtime=REFERENCE_RUNTIME if variant == "reference" else {})
-    cut_checkpoint = None
-    if stage == 2:  # stage 2 needs a trained G: a random one of the right shape will do here
-        from confeti_fast.style import StyleTransfer
-
-        style = StyleTransfer(cfg["cut"], "cpu", cfg["pipeline"]["mean"], cfg["pipeline"]["std"])
-        cut_checkpoint = tmp_path / "net_G.pth"
-        torch.save(style.G.state_dict(), cut_checkpoint)
-    return Trainer(cfg, stage, tmp_path / "run", device=device, progress=False, cut_checkpoint=cut_checkpoint)
 
 
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def _cpu_step_peak_mb(trainer, batch):
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer.step(batch, STEP_T)
-    held = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        held += nbytes
-        peak = max(peak, held)
-    return peak / 2**20
-
-
-def _step_flops(trainer, batch):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        trainer.step(batch, STEP_T)
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("variant", ["reference", "fast"])
@@ -104,8 +48,9 @@ def _step_flops(trainer, batch):
 def test_train_step(benchmark, tmp_path, device, stage, variant):
     kernels = "reference" if variant == "reference" else "fused"
     with ops.kernels(kernels):
-        trainer = _trainer(tmp_path, device, stage, variant)
-        batch = _batch(trainer.cfg, stage, torch.Generator().manual_seed(0))
+        cfg = tc.config("paper" if device == "cuda" else "demo", tmp_path / "data")
+        trainer = tc.make_trainer(cfg, stage, tmp_path, device, variant)
+        batch = tc.synthetic_batch(trainer.cfg, stage, torch.Generator().manual_seed(0))
         trainer.step(batch, STEP_T)  # compilation, CUDA-graph recording, lazy init
         timed, warmup = ROUNDS[device]
         for _ in range(warmup):
@@ -128,20 +73,12 @@ def test_train_step(benchmark, tmp_path, device, stage, variant):
         if device == "cuda":
             info["peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             if variant == "reference":
-                info["step_tflop"] = round(_step_flops(trainer, batch) / 1e12, 3)
+                info["step_tflop"] = round(tc.step_flops(trainer, batch) / 1e12, 3)
         else:
-            info["peak_extra_mb"] = round(_cpu_step_peak_mb(trainer, batch), 1)
+            info["peak_extra_mb"] = round(tc.cpu_step_peak_mb(trainer, batch), 1)
     key = (device, stage)
     MEDIANS.setdefault(key, {})[variant] = (median, info)
     if variant == "fast" and "reference" in MEDIANS[key]:
         ref_median, ref_info = MEDIANS[key]["reference"]
-        info["speedup_vs_reference"] = round(ref_median / median, 2)
-        memory_key = "peak_allocated_mb" if device == "cuda" else "peak_extra_mb"
-        if ref_info.get(memory_key):
-            info["memory_vs_reference"] = round(info[memory_key] / ref_info[memory_key], 3)
-        if "step_tflop" in ref_info:
-            info["step_tflop"] = ref_info["step_tflop"]
-            peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in info["device_name"]), None)
-            if peak:
-                info["mfu_bf16"] = round(ref_info["step_tflop"] / median / peak, 4)
+        info.update(tc.speedup_info(median, info, ref_median, ref_info))
     benchmark.extra_info.update(info)

@@ -21,12 +21,13 @@ def keep_ratio_size(width, height, scale):
 
 
 def resize(image, label, scale):
-    """Resize an image (bilinear) and its label (nearest) to fit `scale` (w, h), keeping the ratio."""
-    import cv2
-
+    """Resize an image (bilinear) and its label (nearest) to fit `scale` (w, h), keeping the ratio.
+    (OpenCV is imported only when a resize is needed: images already at scale need no cv2.)"""
     height, width = image.shape[:2]
     size = keep_ratio_size(width, height, scale)
     if size != (width, height):
+        import cv2
+
         image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
         if label is not None:
             label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)

@@ -58,16 +58,24 @@ def kernels(mode):
 
 
 def _fused(name, device_type):
-    """(implementation, None) or (None, why it is missing) for op `name` on `device_type`."""
+    """(implementation, None) or (None, why it is missing) for op `name` on `device_type`.
+    A fused module that fails to import counts as missing: the caller warns and runs the reference."""
+    if device_type != "cuda" and name != "proto_ema_update":
+        return getattr(torch_fast, name, getattr(reference, name)), None
+    try:
+        if name == "proto_ema_update":
+            from ..kernels import proto_update as module
+        elif name == "pixel_proto_contrast":
+            from ..kernels import contrast as module
+        else:
+            from ..kernels import patch_nce as module
+    except Exception as exc:  # a missing or broken fused module (not installed, syntax error, ...)
+        first_line = (str(exc).splitlines() or [""])[0]
+        return None, f"importing it failed: {type(exc).__name__}: {first_line}"
     if name == "proto_ema_update":
-        from ..kernels import proto_update as module
         if device_type == "cuda":
             return (module.proto_ema_update, None) if module.CUDA_AVAILABLE else (None, module.CUDA_LOAD_ERROR)
         return (module.proto_ema_update, None) if module.AVAILABLE else (None, module.LOAD_ERROR)
-    if device_type != "cuda":
-        return getattr(torch_fast, name, getattr(reference, name)), None
-    from ..kernels import contrast, patch_nce
-    module = contrast if name == "pixel_proto_contrast" else patch_nce
     return (getattr(module, name), None) if module.AVAILABLE else (None, module.LOAD_ERROR)
 
 
