@@ -338,7 +338,8 @@ def summary_text(records, status):
     env = next((r for r in records if r.get("step") == "env" and r.get("sub") == "env"), None)
     if env:
         lines += ["", f"env: {env.get('device_name')} | torch {env.get('torch')} | triton {env.get('triton')} | "
-                      f"cuda {env.get('cuda')} | commit {env.get('commit') or env.get('tree_digest')}"]
+                      f"cuda {env.get('cuda')} | "
+                      + (f"commit {env['commit']}" if env.get("commit") else f"tree digest {env.get('tree_digest')}")]
     ops = {}
     for r in records:
         if r.get("step") in ("ops", "ops_compiled") and r.get("status") == "ok" and r.get("impl"):
@@ -474,6 +475,9 @@ def step_env(ctx):
                                      "--format=csv,noheader"]),
                          ("nvcc", ["nvcc", "--version"]), ("commit", ["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
                          ("git_status", ["git", "-C", str(ROOT), "status", "--porcelain"])):
+        if key in ("commit", "git_status") and not (ROOT / ".git").exists():
+            info[key] = None  # a copy of the tree without .git (git would find an enclosing repository)
+            continue
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=20)
             text = done.stdout.rstrip() if done.returncode == 0 else None
