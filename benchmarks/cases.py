@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from confeti_fast import ops
 from confeti_fast.ops import reference
+from confeti_fast.ops.sampling import sample_kept_pixels
 
 GEN_SEED = 0
 OPS = ("contrast", "patch_nce", "proto_update")
@@ -113,7 +114,7 @@ def make_case(op, device, size="paper", dtype=torch.float32, channels_last=False
         labels[:, : p["ignored_rows"]] = 255
         labels = labels.to(device)
         protos = F.normalize(torch.randn(p["classes"], p["dim"], generator=gen), dim=1).to(device)
-        idx = reference.sample_kept_pixels(labels, p["samples"], gen)
+        idx = sample_kept_pixels(labels, p["samples"], gen)
 
         def call(fn, feats, labels, protos, idx):
             feats.grad = None

@@ -28,7 +28,8 @@ Parts and steps, most telling first; budgets in seconds on an H200 (dry run in b
 * extension: imports confeti_fast._C (and _C_cuda) from this tree; builds them in place only
   when they do not import (`setup.py build_ext --inplace`, FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0;
   CPU only in a dry run).
-* tests: the fused-op equivalence tests (fp32 and bf16 on CUDA), junit XML in the archive.
+* tests: the op test files (TEST_FILES): the fused-op equivalence tests (fp32 and bf16 on
+  CUDA), with each op's reference checks and the extension ops' opcheck; junit XML in the archive.
 * ops: eager reference and fused, at the paper's shapes in bf16 + channels_last under bf16
   autocast (as a training step runs them): median / min wall ms, first call, peak extra memory, launches (one call under
   `confeti_fast.profiling.count_launches`), speed-up over the eager reference.
@@ -85,7 +86,7 @@ RESERVE_S = 15        # kept back for the summary and the archive
 KILL_GRACE_S = 5      # `timeout -k`: SIGTERM, then SIGKILL this much later
 MAX_OUT_FILES = 6
 OUT_FILES = ("results.jsonl", "env.json", "summary.txt", "logs.tar.gz")
-TEST_FILES = ("tests/test_contrast_kernel.py", "tests/test_patch_nce_kernel.py", "tests/test_proto_update_op.py")
+TEST_FILES = ("tests/test_op_contrast.py", "tests/test_op_patch_nce.py", "tests/test_op_proto_update.py")
 
 # step -> (budget on an H200, budget in a dry run) in seconds
 BUDGETS = {

@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 
 from confeti_fast.ops import reference
+from confeti_fast.ops.sampling import sample_kept_pixels
 
 from ._triton_common import (AVAILABLE, EPS, INTERPRET, LOAD_ERROR, NAMESPACE, can_run, cdiv,
                              device_guard, launch, next_pow2, nonempty, op_registered, tl, triton)
@@ -499,7 +500,7 @@ def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, s
                                               sample_idx=sample_idx, ce_weight=ce_weight,
                                               reg_weight=reg_weight)
     if sample_idx is None:
-        sample_idx = reference.sample_kept_pixels(labels.reshape(-1), num_samples)
+        sample_idx = sample_kept_pixels(labels.reshape(-1), num_samples)
     sample_idx = sample_idx.to(device=feats.device, dtype=torch.int64)
     loss_ce, loss_reg, _, _ = torch.ops.confeti_fast.contrast_forward(
         feats, labels, prototypes.detach(), sample_idx, float(tau), float(ce_weight), float(reg_weight))

@@ -5,8 +5,8 @@ from PIL import Image
 
 from confeti_fast.data import datasets, io
 from confeti_fast.errors import ConfetiError
+from helpers import make_cityscapes, make_gta5, make_synthia
 from pngwriter import write_png
-from test_readers import make_cityscapes, make_gta5, make_synthia
 
 
 def _one_line_error(fn, *names):

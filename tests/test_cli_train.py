@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from confeti_fast.config import dump_config
-from test_trainer import tiny_config
+from helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from confeti_fast.config import dump_config
-from test_trainer import tiny_config
+from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

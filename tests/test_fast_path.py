@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from confeti_fast.trainer import Trainer
-from test_trainer import tiny_config
+from helpers import tiny_config
 
 STEP = 3  # every gate open (tiny_config: mixed CAM after 0, contrast after 1)
 

@@ -1,12 +1,7 @@
 import numpy as np
 
 from confeti_fast.data import labels
-
-# SPEC 1, typed in from the table: labelId -> trainId and SYNTHIA id -> trainId.
-CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-              25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13,
-           19: 15, 12: 17, 11: 18}
+from helpers import CITYSCAPES, SYNTHIA  # SPEC 1, typed in from the table
 
 
 def test_cityscapes_and_gta5_table_for_every_id():

@@ -2,7 +2,7 @@ import torch
 
 from confeti_fast.config import load_config
 from confeti_fast.data.loader import PairedSteps, paired_loader
-from test_readers import make_cityscapes, make_gta5
+from helpers import make_cityscapes, make_gta5
 
 
 def tiny_config(tmp_path, rcs=True):

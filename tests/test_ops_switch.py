@@ -1,5 +1,7 @@
-"""The fused/reference switch, the CPU "fused" torch paths against the reference, and a
-training step over all three ops compiled with torch.compile(fullgraph=True)."""
+"""The fused/reference switch itself: modes, the environment variable and the CLIs' --kernels,
+the one-line warning and the reference when a fused piece is missing, and a training step over
+all three ops compiled with torch.compile(fullgraph=True). (Each op against its reference:
+test_op_contrast.py, test_op_patch_nce.py, test_op_proto_update.py.)"""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,8 @@ import torch.nn.functional as F
 from confeti_fast import ops
 from confeti_fast.errors import ConfetiError
 from confeti_fast.kernels import proto_update
-from confeti_fast.ops import reference, torch_fast
+from confeti_fast.ops import reference
+from confeti_fast.ops.contrast import pixel_proto_contrast_cpu
 
 needs_extension = pytest.mark.skipif(
     not proto_update.AVAILABLE, reason=f"compiled extension not importable: {proto_update.LOAD_ERROR}")
@@ -23,7 +26,7 @@ def test_default_is_fused_and_env_and_context_manager_choose(monkeypatch):
     assert ops.get_kernels() == "reference"
     assert ops.implementation("patch_nce") is reference.patch_nce
     with ops.kernels("fused"):
-        assert ops.implementation("pixel_proto_contrast") is torch_fast.pixel_proto_contrast
+        assert ops.implementation("pixel_proto_contrast") is pixel_proto_contrast_cpu
         with ops.kernels("reference"):
             assert ops.implementation("pixel_proto_contrast") is reference.pixel_proto_contrast
         assert ops.get_kernels() == "fused"
@@ -40,12 +43,6 @@ def test_bad_choice_names_its_origin(monkeypatch):
     with pytest.raises(ConfetiError, match="kernels()"):
         with ops.kernels("cuda"):
             pass
-
-
-@needs_extension
-def test_fused_cpu_uses_the_cpp_op(monkeypatch):
-    monkeypatch.delenv("CONFETI_KERNELS", raising=False)
-    assert ops.implementation("proto_ema_update", "cpu") is proto_update.proto_ema_update
 
 
 def test_missing_extension_warns_once_and_gives_reference_numbers(monkeypatch, capsys):
@@ -78,47 +75,6 @@ def test_train_and_test_clis_take_kernels():
         assert module.parse_args(extra + ["--kernels", "reference"]).kernels == "reference"
         with pytest.raises(SystemExit):
             module.parse_args(extra + ["--kernels", "triton"])
-
-
-# ---------------------------------------------------------------- CPU fused paths = reference
-
-def _contrast_inputs(gen, batch, dim, height, width, classes, ignored_fraction, channels_last=False):
-    feats = torch.randn(batch, dim, height, width, generator=gen)
-    if channels_last:
-        feats = feats.to(memory_format=torch.channels_last)
-    labels = torch.randint(0, classes, (batch, height, width), generator=gen)
-    labels[torch.rand(batch, height, width, generator=gen) < ignored_fraction] = 255
-    protos = F.normalize(torch.randn(classes, dim, generator=gen), dim=1)
-    return feats.requires_grad_(True), labels, protos
-
-
-@pytest.mark.parametrize("batch,dim,height,width,classes,ignored,channels_last", [
-    (2, 16, 9, 7, 19, 0.3, False),
-    (1, 40, 13, 11, 16, 0.0, True),
-    (3, 8, 5, 5, 19, 0.97, False),
-])
-def test_torch_fast_contrast_matches_reference(batch, dim, height, width, classes, ignored, channels_last):
-    gen = torch.Generator().manual_seed(dim)
-    feats, labels, protos = _contrast_inputs(gen, batch, dim, height, width, classes, ignored, channels_last)
-    idx = reference.sample_kept_pixels(labels, 64, torch.Generator().manual_seed(1))
-    results = []
-    for op in (reference.pixel_proto_contrast, torch_fast.pixel_proto_contrast):
-        feats.grad = None
-        ce, reg = op(feats, labels, protos, sample_idx=idx)
-        (ce + 0.7 * reg).backward()
-        results.append((ce.detach(), reg.detach(), feats.grad.clone()))
-    (ce0, reg0, g0), (ce1, reg1, g1) = results
-    torch.testing.assert_close(ce1, ce0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(reg1, reg0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
-
-
-def test_torch_fast_contrast_everything_ignored():
-    feats, labels, protos = _contrast_inputs(torch.Generator().manual_seed(0), 1, 4, 3, 3, 5, 1.0)
-    ce, reg = torch_fast.pixel_proto_contrast(feats, labels, protos)
-    (ce + reg).backward()
-    assert ce.item() == 0.0 and reg.item() == 0.0
-    assert torch.count_nonzero(feats.grad) == 0
 
 
 # ---------------------------------------------------------------- torch.compile over the three ops
@@ -170,33 +126,3 @@ def test_compiled_training_step_fullgraph_matches_eager(monkeypatch):
     torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
     assert torch.equal(c1, c0) and not torch.equal(c0, counts0)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
-
-
-def test_sample_pixels_is_a_uniform_draw_of_kept_pixels():
-    labels = torch.full((2, 6, 5), 255)
-    labels[0, 1, 2] = labels[1, 4, 4] = 3
-    labels[1, :2] = 1  # 10 more kept pixels: 12 in all
-    gen = torch.Generator().manual_seed(0)
-    few = reference.sample_pixels(labels, 20, gen)
-    kept = set((labels.reshape(-1) != 255).nonzero().squeeze(1).tolist())
-    assert few.numel() == 20 and len(set(few.tolist())) == 20
-    assert kept <= set(few[:12].tolist())  # every kept pixel first, then ignored ones fill up
-    counts = torch.zeros(60)
-    for _ in range(600):
-        counts[reference.sample_pixels(labels, 4, gen)] += 1
-    assert counts[[i for i in range(60) if i not in kept]].sum() == 0
-    # each kept pixel drawn with probability 4/12: 200 expected of 600
-    assert counts[sorted(kept)].min() > 150 and counts[sorted(kept)].max() < 250
-
-
-def test_torch_fast_contrast_skips_samples_at_ignored_pixels():
-    feats, labels, protos = _contrast_inputs(torch.Generator().manual_seed(5), 1, 8, 6, 7, 19, 0.9)
-    idx = reference.sample_pixels(labels, 30, torch.Generator().manual_seed(2))
-    assert (labels.reshape(-1)[idx] == 255).any()
-    got = torch_fast.pixel_proto_contrast(feats, labels, protos, sample_idx=idx)
-    want = reference.pixel_proto_contrast(feats, labels, protos, sample_idx=idx)
-    kept_only = idx[labels.reshape(-1)[idx] != 255]
-    same = reference.pixel_proto_contrast(feats, labels, protos, sample_idx=kept_only)
-    for a, b, c in zip(got, want, same):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7)

@@ -37,7 +37,7 @@ def test_sampler_without_any_qualifying_image_is_a_clear_error():
 
 
 def test_class_counts_are_cached_beside_the_data(tmp_path):
-    from test_readers import make_gta5
+    from helpers import make_gta5
     from confeti_fast.data import datasets
 
     make_gta5(tmp_path / "gta5", n=3)

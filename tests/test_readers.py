@@ -1,66 +1,16 @@
 """Each reader on files written in the real layouts, with labels whose expected trainIds come
-from the SPEC table typed into test_labels."""
+from the SPEC table typed into helpers.py."""
 import numpy as np
 import pytest
-from PIL import Image
 
 from confeti_fast.data import datasets, io
 from confeti_fast.errors import ConfetiError
+from helpers import CITYSCAPES, SYNTHIA, make_cityscapes, make_gta5, make_synthia
 from pngwriter import write_png
-from test_labels import CITYSCAPES, SYNTHIA
-
-
-def _rgb(h, w, seed):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 def _expected(ids, table):
     return np.vectorize(lambda v: table.get(int(v), 255))(ids).astype(np.uint8)
-
-
-def make_gta5(root, n=2, h=6, w=8):
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    ids = []
-    for i in range(n):
-        Image.fromarray(_rgb(h, w, i)).save(root / "images" / f"{i:05d}.png")
-        label = np.random.default_rng(10 + i).choice([0, 7, 8, 13, 26, 33, 34], (h, w)).astype(np.uint8)
-        # Real GTA5 labels are palette PNGs: the palette index is the class id.
-        img = Image.fromarray(label, mode="P")
-        img.putpalette(list(np.random.default_rng(0).integers(0, 256, 768)))
-        img.save(root / "labels" / f"{i:05d}.png")
-        ids.append(label)
-    return ids
-
-
-def make_cityscapes(root, split, cities=("aachen", "bonn"), per_city=2, h=6, w=8):
-    ids = {}
-    for c, city in enumerate(cities):
-        (root / "leftImg8bit" / split / city).mkdir(parents=True)
-        (root / "gtFine" / split / city).mkdir(parents=True)
-        for k in range(per_city):
-            stem = f"{city}_{k:06d}_000019"
-            Image.fromarray(_rgb(h, w, 100 * c + k)).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
-            label = np.random.default_rng(c * 10 + k).choice([1, 7, 11, 23, 24, 31, 255], (h, w)).astype(np.uint8)
-            write_png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", label)
-            ids[stem] = label
-    return ids
-
-
-def make_synthia(root, n=2, h=6, w=8, channels=3):
-    (root / "RGB").mkdir(parents=True)
-    (root / "GT" / "LABELS").mkdir(parents=True)
-    ids = []
-    for i in range(n):
-        Image.fromarray(_rgb(h, w, i)).save(root / "RGB" / f"{i:07d}.png")
-        rng = np.random.default_rng(i)
-        class_ids = rng.choice([0, 1, 2, 3, 8, 12, 13, 21, 22, 300, 1003], (h, w)).astype(np.uint16)
-        # Second (and alpha) channels carry instance ids, which must not leak into the class.
-        label = np.stack([class_ids] + [rng.integers(0, 65535, (h, w), dtype=np.uint16)
-                                         for _ in range(channels - 1)], -1)
-        write_png(root / "GT" / "LABELS" / f"{i:07d}.png", label, bit_depth=16)
-        ids.append(class_ids)
-    return ids
 
 
 def test_gta5_reader(tmp_path):

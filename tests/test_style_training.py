@@ -5,7 +5,7 @@ import torch
 from confeti_fast.checkpoint import load_training_checkpoint
 from confeti_fast.errors import ConfetiError
 from confeti_fast.trainer import Trainer
-from test_trainer import _assert_states_equal, resume_after_kill, tiny_config
+from helpers import assert_states_equal, resume_after_kill, tiny_config
 
 
 def _params(module):
@@ -73,7 +73,7 @@ def test_stage1_resume_is_bitwise_exact_with_cut_state(tmp_path, monkeypatch):
     resumed = resume_after_kill(cfg, 1, tmp_path / "halves", monkeypatch)
     ckpt = load_training_checkpoint(tmp_path / "halves" / "stage1" / "best.pth")
     assert set(ckpt["style"]) == {"G", "D", "F", "opt_G", "opt_D"} and ckpt["style"]["opt_D"]["state"]
-    _assert_states_equal(straight.state(), resumed.state())
+    assert_states_equal(straight.state(), resumed.state())
     assert (tmp_path / "halves" / "stage1" / "panels" / "style_000004.png").is_file()
     assert (tmp_path / "halves" / "stage1" / "stylized" / "000004_0.png").is_file()
 

@@ -7,63 +7,7 @@ from confeti_fast.config import load_config
 from confeti_fast.errors import ConfetiError
 from confeti_fast import trainer as trainer_module
 from confeti_fast.trainer import NonFiniteLoss, Trainer
-from test_readers import make_cityscapes, make_gta5, make_synthia
-
-
-def tiny_config(tmp_path, base="demo", cut=False, **train):
-    """A tiny run of `base` on generated data; `cut` turns on a 4-channel style transfer."""
-    source = load_config(base)["source"]["type"]
-    (make_synthia if source == "synthia" else make_gta5)(tmp_path / "source", n=4, h=40, w=48)
-    make_cityscapes(tmp_path / "cs", "train", h=40, w=48)
-    make_cityscapes(tmp_path / "cs", "val", per_city=1, h=40, w=48)
-    return load_config(base, {
-        "model": {"depth": 18, "pretrained": None},
-        "source": {"root": str(tmp_path / "source"), "resize": [48, 40], "generate": None},
-        "target": {"root": str(tmp_path / "cs"), "resize": [48, 40], "generate": None},
-        "rcs": {"min_pixels": 30},
-        "stages": {str(stage): {"crop_size": [32, 32], "iters": 4} for stage in (0, 1, 2)},
-        "cut": {"enabled": cut, "ngf": 4, "ndf": 4, "num_patches": 16},
-        "evaluation": {"scale": [48, 40], "interval": 2},
-        "optimizer": {"warmup_iters": 2},
-        # every gate opens within the 4 iterations: t > 0 mixed CAM, t > 1 contrast
-        "train": dict({"mix_cam_after": 0, "contrast_after": 1, "pseudo_ignore_top": 2,
-                       "pseudo_ignore_bottom": 4, "log_interval": 1}, **train),
-    })
-
-
-def _assert_states_equal(a, b, path="state"):
-    if torch.is_tensor(a):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            if key != "rng":
-                _assert_states_equal(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_states_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
-def resume_after_kill(cfg, stage, work_dir, monkeypatch):
-    """Train, kill the run right after its first checkpoint, resume from it, and finish."""
-    save = Trainer.save
-
-    def stop_after_first_checkpoint(self, result):
-        save(self, result)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "save", stop_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, stage, work_dir, progress=False).train()
-    monkeypatch.setattr(Trainer, "save", save)
-    last = work_dir / f"stage{stage}" / "last.pth"
-    assert load_training_checkpoint(last)["iteration"] == cfg["evaluation"]["interval"]
-    resumed = Trainer(cfg, stage, work_dir, resume=last, progress=False)
-    resumed.train()
-    return resumed
+from helpers import assert_states_equal, resume_after_kill, tiny_config
 
 
 def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
@@ -73,7 +17,7 @@ def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
     assert straight.t == 4 and straight.proto_counts.sum() > 0
     resumed = resume_after_kill(cfg, 2, tmp_path / "halves", monkeypatch)
     assert resumed.t == 4
-    _assert_states_equal(straight.state(), resumed.state())
+    assert_states_equal(straight.state(), resumed.state())
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):

@@ -8,21 +8,26 @@ The choice comes from `set_kernels` / the `kernels` context manager, else the en
 variable CONFETI_KERNELS, else "fused". What "fused" runs depends on the tensors' device:
 
     op                      CUDA                         CPU
-    pixel_proto_contrast    Triton kernel                torch_fast (cheapest torch path)
+    pixel_proto_contrast    Triton kernel                contrast.pixel_proto_contrast_cpu
     patch_nce               Triton kernel                reference (already the cheapest)
     proto_ema_update        CUDA extension op            C++ extension op
 
+Each op's dispatch is in its own module (ops/contrast.py, ops/patch_nce.py,
+ops/proto_update.py); the implementations stay where they are: the reference in
+ops/reference.py, the Triton kernels in `confeti_fast.kernels` (kernels/ in the checkout), the
+C++/CUDA extension in csrc/. The sampler the trainer uses is ops/sampling.py.
+
 A fused implementation that is missing on this install (no compiled extension, no usable
-Triton) gives a one-line warning and the reference, never a crash or different numbers.
-The Triton kernels run on CPU tensors only under TRITON_INTERPRET=1, called directly from
-`confeti_fast.kernels` (the tests do that).
+Triton, a fused module that fails to import) gives a one-line warning and the reference, never
+a crash or different numbers. The Triton kernels run on CPU tensors only under
+TRITON_INTERPRET=1, called directly from `confeti_fast.kernels` (the tests do that).
 """
 import contextlib
 import os
 import sys
 
 from ..errors import ConfetiError
-from . import reference, torch_fast
+from . import reference
 
 MODES = ("fused", "reference")
 OP_NAMES = ("pixel_proto_contrast", "proto_ema_update", "patch_nce")
@@ -57,32 +62,30 @@ def kernels(mode):
         _selected = previous
 
 
-def _fused(name, device_type):
-    """(implementation, None) or (None, why it is missing) for op `name` on `device_type`.
-    A fused module that fails to import counts as missing: the caller warns and runs the reference."""
-    if device_type != "cuda" and name != "proto_ema_update":
-        return getattr(torch_fast, name, getattr(reference, name)), None
+def load_fused(module):
+    """(module, None) for `confeti_fast.kernels.<module>` ("contrast", "patch_nce" or
+    "proto_update"), or (None, why) when importing it fails: a missing or broken fused module
+    (not installed, syntax error, ...) counts as missing. (Import statements, not importlib:
+    torch.compile traces through them.)"""
     try:
-        if name == "proto_ema_update":
-            from ..kernels import proto_update as module
-        elif name == "pixel_proto_contrast":
-            from ..kernels import contrast as module
+        if module == "contrast":
+            from ..kernels import contrast as loaded
+        elif module == "patch_nce":
+            from ..kernels import patch_nce as loaded
         else:
-            from ..kernels import patch_nce as module
-    except Exception as exc:  # a missing or broken fused module (not installed, syntax error, ...)
+            from ..kernels import proto_update as loaded
+    except Exception as exc:
         first_line = (str(exc).splitlines() or [""])[0]
         return None, f"importing it failed: {type(exc).__name__}: {first_line}"
-    if name == "proto_ema_update":
-        if device_type == "cuda":
-            return (module.proto_ema_update, None) if module.CUDA_AVAILABLE else (None, module.CUDA_LOAD_ERROR)
-        return (module.proto_ema_update, None) if module.AVAILABLE else (None, module.LOAD_ERROR)
-    return (getattr(module, name), None) if module.AVAILABLE else (None, module.LOAD_ERROR)
+    return loaded, None
 
 
-def implementation(name, device_type="cpu"):
-    """The function `name` runs under the current selection for tensors on `device_type`."""
+def choose(name, device_type, fused):
+    """What op `name` runs for tensors on `device_type` under the current selection. `fused`
+    is the op module's `fused(device_type)`: (implementation, None) or (None, why it is missing);
+    missing gives one warning line per (op, device) and the reference."""
     if get_kernels() == "fused":
-        function, missing = _fused(name, device_type)
+        function, missing = fused(device_type)
         if function is not None:
             return function
         if (name, device_type) not in _warned:
@@ -92,18 +95,22 @@ def implementation(name, device_type="cpu"):
     return getattr(reference, name)
 
 
-def pixel_proto_contrast(feats, *args, **kwargs):
-    return implementation("pixel_proto_contrast", feats.device.type)(feats, *args, **kwargs)
+# The op modules, which use the helpers above, and their public ops. (`ops.patch_nce` is the
+# op; its module is sys.modules["confeti_fast.ops.patch_nce"].)
+from . import contrast, proto_update  # noqa: E402
+from . import patch_nce as _patch_nce_module  # noqa: E402
+from .contrast import pixel_proto_contrast  # noqa: E402,F401  (the public ops)
+from .patch_nce import patch_nce  # noqa: E402,F401  (the public ops)
+from .proto_update import proto_ema_update  # noqa: E402,F401  (the public ops)
+
+_modules = {"pixel_proto_contrast": contrast, "patch_nce": _patch_nce_module, "proto_ema_update": proto_update}
 
 
-def proto_ema_update(prototypes, *args, **kwargs):
-    return implementation("proto_ema_update", prototypes.device.type)(prototypes, *args, **kwargs)
+def _fused(name, device_type):
+    """(implementation, None) or (None, why it is missing) for op `name` on `device_type`."""
+    return _modules[name].fused(device_type)
 
 
-def patch_nce(q_layers, *args, **kwargs):
-    return implementation("patch_nce", q_layers[0].device.type)(q_layers, *args, **kwargs)
-
-
-pixel_proto_contrast.__doc__ = reference.pixel_proto_contrast.__doc__
-proto_ema_update.__doc__ = reference.proto_ema_update.__doc__
-patch_nce.__doc__ = reference.patch_nce.__doc__
+def implementation(name, device_type="cpu"):
+    """The function `name` runs under the current selection for tensors on `device_type`."""
+    return _modules[name].implementation(device_type)

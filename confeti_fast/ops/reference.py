@@ -8,31 +8,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .sampling import sample_kept_pixels
+
 IGNORE_INDEX = 255
 
 
 def _flatten_pixels(maps):
     """(B, C, h, w) -> (B*h*w, C), rows in (b, y, x) order."""
     return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
-
-
-def sample_kept_pixels(labels, num_samples, generator=None):
-    """Up to `num_samples` flat indices of non-ignored pixels, uniformly without replacement."""
-    kept = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-    order = torch.randperm(kept.numel(), generator=generator)[:num_samples]
-    return kept[order.to(kept.device)]
-
-
-def sample_pixels(labels, num_samples, generator=None):
-    """min(num_samples, pixel count) flat indices: a uniform draw without replacement among the
-    kept pixels, without a host sync (fixed size, no nonzero). Each pixel gets a random key
-    (float64, so ties are vanishingly rare), ignored pixels the largest; the smallest keys win.
-    When fewer than `num_samples` pixels are kept, every kept pixel is drawn and ignored ones
-    fill the rest: the contrast ops skip samples whose label is 255."""
-    flat = labels.reshape(-1)
-    keys = torch.rand(flat.numel(), generator=generator, dtype=torch.float64).to(flat.device, non_blocking=True)
-    keys = keys.masked_fill(flat == IGNORE_INDEX, 2.0)
-    return keys.topk(min(num_samples, flat.numel()), largest=False, sorted=True).indices
 
 
 def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, sample_idx=None,
@@ -175,3 +158,6 @@ def patch_nce(q_layers, k_layers, batch_size, tau=0.07):
         target = torch.arange(q.shape[1], device=q.device).expand(batch_size, -1)
         losses.append(F.cross_entropy(logits.reshape(-1, q.shape[1]), target.reshape(-1)))
     return torch.stack(losses).mean()
+
+
+from .sampling import sample_pixels  # noqa: F401,E402  moved; trainer import updated separately

@@ -1,21 +1,275 @@
-"""The compiled prototype EMA update (`confeti_fast.kernels.proto_update`) against the reference.
+"""proto_ema_update (SPEC 4): the reference by hand, and the compiled op
+(`confeti_fast.kernels.proto_update`, csrc/) against the reference; its schemas checked with
+torch.library.opcheck. (The switch and its warning fallback: test_ops_switch.py.)
 
-Selection: `proto_select` must pick exactly the pixels of the reference's own selection
-(`reference.proto_selection`), in the same order. Update: prototypes within 1e-6 (CUDA 1e-5),
-counts equal. The CUDA algorithm also runs on the CPU (`emulate_cuda`: the kernels' block code
-with emulated threads) and must equal the CPU op bit for bit. The `reduce` hook (DDP):
-`proto_class_stats` + `proto_ema_apply_` against the reference, simulated and real 2-rank runs.
+The hand-computed checks take every expected value from typed-in numbers or a naive
+formulation written here or in helpers.py, never from the code under test.
+
+The compiled op. Selection: `proto_select` must pick exactly the pixels of the reference's
+own selection (`reference.proto_selection`), in the same order. Update: prototypes within 1e-6
+(CUDA 1e-5), counts equal. The CUDA algorithm also runs on the CPU (`emulate_cuda`: the
+kernels' block code with emulated threads) and must equal the CPU op bit for bit. The `reduce`
+hook (DDP): `proto_class_stats` + `proto_ema_apply_` against the reference, simulated and real
+2-rank runs.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from confeti_fast import ops
 from confeti_fast.kernels import proto_update as pu
 from confeti_fast.ops import reference
+from helpers import py_normalize
 
-pytestmark = pytest.mark.skipif(not pu.AVAILABLE, reason=f"confeti_fast._C is not built: {pu.LOAD_ERROR}")
+needs_extension = pytest.mark.skipif(not pu.AVAILABLE, reason=f"confeti_fast._C is not built: {pu.LOAD_ERROR}")
 needs_cuda = pytest.mark.skipif(not (pu.CUDA_AVAILABLE and torch.cuda.is_available()), reason="CUDA not available")
 
+
+# ---------------------------------------------------------------- the reference, by hand
+
+def _maps(pixels, b, h, w):
+    """(b, C, h, w) from a list of C-vectors in (b, y, x) order."""
+    t = torch.tensor(pixels, dtype=torch.float32)
+    return t.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def _wmean_dir(vectors, weights):
+    s = sum(weights)
+    return py_normalize([sum(w * v[d] for v, w in zip(vectors, weights)) / s for d in range(len(vectors[0]))])
+
+
+def test_ema_first_update_sets_row_exactly():
+    # B=1, 1x4, K=3 (class 2 absent), D=2; CAM at the label resolution (identity upsampling)
+    feats = _maps([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [5.0, 5.0]], 1, 1, 4)
+    cam = _maps([[1.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [9.0, 9.0, 9.0]], 1, 1, 4)
+    labels = torch.tensor([[[0, 0, 1, 255]]])
+    protos = torch.tensor([[0.0, -1.0], [0.0, 0.0], [0.6, 0.8]])  # row 0 non-zero but count 0
+    counts = torch.tensor([0, 0, 7])
+    reference.proto_ema_update(protos, counts, feats, cam, labels)
+    # class 0: mu = (1*(1,0) + 3*(0,2)) / 4 = (0.25, 1.5) -> raw features, not normalized first
+    n = math.sqrt(0.25 ** 2 + 1.5 ** 2)
+    assert protos[0].tolist() == pytest.approx([0.25 / n, 1.5 / n], abs=1e-6)
+    assert protos[1].tolist() == pytest.approx([0.6, 0.8], abs=1e-6)
+    assert protos[2].tolist() == pytest.approx([0.6, 0.8], abs=1e-7)  # absent: untouched
+    assert counts.tolist() == [2, 1, 7]
+
+
+def test_ema_second_update_uses_momentum_alpha():
+    feats = _maps([[1.0, 0.0], [0.0, 2.0]], 1, 1, 2)
+    cam = _maps([[1.0], [3.0]], 1, 1, 2)
+    labels = torch.tensor([[[0, 0]]])
+    protos = torch.tensor([[1.0, 0.0]])
+    counts = torch.tensor([1])
+    reference.proto_ema_update(protos, counts, feats, cam, labels)
+    n = math.sqrt(0.25 ** 2 + 1.5 ** 2)
+    mu = [0.25 / n, 1.5 / n]
+    alpha = 0.001  # min(1 - 1/2, 1 - 0.999)
+    raw = [(1 - alpha) * 1.0 + alpha * mu[0], alpha * mu[1]]
+    assert protos[0].tolist() == pytest.approx(py_normalize(raw), abs=1e-6)
+    assert counts.tolist() == [3]
+    # an alpha of 0.5 (1 - 1/(n+1)) would be far away
+    assert abs(py_normalize([0.5 + 0.5 * mu[0], 0.5 * mu[1]])[1] - protos[0, 1].item()) > 0.1
+
+
+@pytest.mark.parametrize("n,expected_alpha", [(1, 0.5), (3, 0.75), (9, 0.8)])
+def test_ema_alpha_is_min_of_both(n, expected_alpha):
+    # momentum 0.2: 1 - momentum = 0.8; alpha = min(1 - 1/(n+1), 0.8)
+    feats = _maps([[0.0, 3.0]], 1, 1, 1)
+    protos = torch.tensor([[1.0, 0.0]])
+    counts = torch.tensor([n])
+    reference.proto_ema_update(protos, counts, feats, None, torch.tensor([[[0]]]), momentum=0.2)
+    assert protos[0].tolist() == pytest.approx(py_normalize([1 - expected_alpha, expected_alpha]), abs=1e-6)
+    assert counts.tolist() == [n + 1]
+
+
+def test_ema_warmup_valid_mask_and_unit_weights():
+    feats = _maps([[1.0, 0.0], [0.0, 100.0], [0.0, 3.0], [7.0, 7.0]], 1, 2, 2)
+    labels = torch.tensor([[[0, 0], [0, 0]]])
+    valid = torch.tensor([[[True, False], [True, False]]])
+    protos = torch.zeros(1, 2)
+    counts = torch.zeros(1, dtype=torch.int64)
+    reference.proto_ema_update(protos, counts, feats, None, labels, valid=valid)
+    assert protos[0].tolist() == pytest.approx(py_normalize([0.5, 1.5]), abs=1e-6)  # mean of (1,0), (0,3)
+    assert counts.tolist() == [2]
+
+
+def test_ema_top_k_ties_go_to_lower_index():
+    # four pixels of class 0 with distinct directions; weights 0.5, 0.9, 0.5, 0.5; keep 2
+    vecs = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]]
+    feats = _maps(vecs, 1, 1, 4)
+    cam = _maps([[0.5], [0.9], [0.5], [0.5]], 1, 1, 4)
+    protos = torch.zeros(1, 3)
+    counts = torch.zeros(1, dtype=torch.int64)
+    reference.proto_ema_update(protos, counts, feats, cam, torch.zeros(1, 1, 4, dtype=torch.long), top_k=2)
+    expected = py_normalize([0.5 / 1.4, 0.9 / 1.4, 0.0])  # pixels 1 and 0
+    assert protos[0].tolist() == pytest.approx(expected, abs=1e-6)
+    assert counts.tolist() == [2]
+    wrong = py_normalize([0.0, 0.9 / 1.4, -0.5 / 1.4])  # ties to the higher index (pixel 3)
+    assert max(abs(a - b) for a, b in zip(wrong, protos[0].tolist())) > 0.1
+
+
+def test_ema_ties_across_images_use_flat_b_y_x_order():
+    # equal weights everywhere; top_k=3 keeps flat indices 0, 1, 2 = (b0,y0,x0), (b0,y0,x1), (b0,y1,x0)
+    vecs = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0],
+            [-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0], [0.0, 0.0, 0.0, -1.0]]
+    feats = _maps(vecs, 2, 2, 2)
+    protos = torch.zeros(1, 4)
+    counts = torch.zeros(1, dtype=torch.int64)
+    reference.proto_ema_update(protos, counts, feats, None, torch.zeros(2, 2, 2, dtype=torch.long), top_k=3)
+    assert protos[0].tolist() == pytest.approx(py_normalize([1.0, 1.0, 1.0, 0.0]), abs=1e-6)
+    assert counts.tolist() == [3]
+
+
+def test_ema_default_top_k_is_32():
+    # 40 pixels with weights 1..40: the 32 largest are pixels 8..39
+    vals = [float(i) for i in range(40)]
+    vecs = [[1.0, v] for v in vals]
+    feats = _maps(vecs, 1, 5, 8)
+    cam = _maps([[i + 1.0] for i in range(40)], 1, 5, 8)
+    protos = torch.zeros(1, 2)
+    counts = torch.zeros(1, dtype=torch.int64)
+    reference.proto_ema_update(protos, counts, feats, cam, torch.zeros(1, 5, 8, dtype=torch.long))
+    chosen = list(range(8, 40))
+    expected = _wmean_dir([vecs[i] for i in chosen], [i + 1.0 for i in chosen])
+    assert protos[0].tolist() == pytest.approx(expected, abs=1e-6)
+    assert counts.tolist() == [32]
+
+
+def test_ema_fewer_pixels_than_k_all_used():
+    vecs = [[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    feats = _maps(vecs, 1, 1, 3)
+    cam = _maps([[0.2], [0.3], [0.5]], 1, 1, 3)
+    protos = torch.zeros(1, 2)
+    counts = torch.tensor([0])
+    reference.proto_ema_update(protos, counts, feats, cam, torch.zeros(1, 1, 3, dtype=torch.long), top_k=32)
+    assert protos[0].tolist() == pytest.approx(_wmean_dir(vecs, [0.2, 0.3, 0.5]), abs=1e-6)
+    assert counts.tolist() == [3]
+
+
+def test_ema_zero_weights_skip_update_but_count_grows():
+    feats = _maps([[1.0, 0.0], [0.0, 1.0], [5.0, 1.0]], 1, 1, 3)
+    # class 0: both weights 0 -> no change; class 1 (count 0) zero weight -> stays a zero row;
+    # class 2 (row not unit) zero weight -> only the final renormalization
+    cam = _maps([[0.0, 9.0, 9.0], [0.0, 9.0, 9.0], [9.0, 0.0, 9.0]], 1, 1, 3)
+    labels = torch.tensor([[[0, 0, 1]]])
+    protos = torch.tensor([[0.6, 0.8], [0.0, 0.0], [3.0, 4.0]])
+    counts = torch.tensor([5, 0, 2])
+    reference.proto_ema_update(protos, counts, feats, cam, labels)
+    assert protos[0].tolist() == pytest.approx([0.6, 0.8], abs=1e-7)
+    assert protos[1].tolist() == [0.0, 0.0]  # a zero row stays zero (no NaN)
+    assert protos[2].tolist() == pytest.approx([0.6, 0.8], abs=1e-7)  # rows renormalized
+    assert counts.tolist() == [7, 1, 2]
+
+
+def test_ema_ignore_label_and_per_class_independence():
+    # classes 0 and 2 in one call equal two hand-computed single-class updates
+    vecs = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-4.0, 2.0], [3.0, -1.0], [0.5, 0.5]]
+    feats = _maps(vecs, 1, 2, 3)
+    cam_rows = [[0.3, 0.0, 0.9], [0.7, 0.0, 0.1], [100.0, 100.0, 100.0],
+                [0.0, 0.0, 0.4], [0.0, 0.0, 0.6], [100.0, 100.0, 100.0]]
+    cam = _maps(cam_rows, 1, 2, 3)
+    labels = torch.tensor([[[0, 0, 255], [2, 2, 255]]])
+    protos = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    counts = torch.tensor([0, 4, 0])
+    reference.proto_ema_update(protos, counts, feats, cam, labels)
+    assert protos[0].tolist() == pytest.approx(_wmean_dir(vecs[0:2], [0.3, 0.7]), abs=1e-6)
+    assert protos[1].tolist() == [1.0, 0.0]
+    assert protos[2].tolist() == pytest.approx(_wmean_dir(vecs[3:5], [0.4, 0.6]), abs=1e-6)
+    assert counts.tolist() == [2, 4, 2]
+
+
+def test_ema_rows_are_unit_after_update():
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 5, 3, 3, generator=g)
+    cam = torch.rand(2, 4, 3, 3, generator=g)
+    labels = torch.randint(0, 3, (2, 3, 3), generator=g)
+    protos = torch.zeros(4, 5)
+    protos[3] = torch.tensor([0.0, 0.0, 2.0, 0.0, 0.0])  # absent, not unit
+    counts = torch.tensor([0, 3, 0, 1])
+    reference.proto_ema_update(protos, counts, feats, cam, labels)
+    for c in range(4):
+        assert math.sqrt(sum(x * x for x in protos[c].tolist())) == pytest.approx(1.0, abs=1e-6)
+    assert protos[3].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+    assert counts[3].item() == 1
+
+
+def _single_pixel_direction(feats, size, pixel):
+    """P[0] after one update where only `pixel` (y, x) is labelled 0; channel 1 of feats is 1."""
+    labels = torch.full((1, *size), 255, dtype=torch.long)
+    labels[0, pixel[0], pixel[1]] = 0
+    protos = torch.zeros(1, 2)
+    counts = torch.zeros(1, dtype=torch.int64)
+    reference.proto_ema_update(protos, counts, feats, None, labels)
+    return protos[0].tolist()
+
+
+def test_ema_bilinear_align_corners_upsampling():
+    # channel 0: corners [[0, 2], [4, 10]]; channel 1: constant 1. Direction (x, 1)/|.| reveals x.
+    feats = torch.tensor([[[[0.0, 2.0], [4.0, 10.0]], [[1.0, 1.0], [1.0, 1.0]]]])
+    for pixel, x in [((0, 0), 0.0), ((0, 2), 2.0), ((2, 0), 4.0), ((2, 2), 10.0),
+                     ((1, 1), 4.0), ((0, 1), 1.0), ((1, 2), 6.0)]:
+        assert _single_pixel_direction(feats, (3, 3), pixel) == pytest.approx(py_normalize([x, 1.0]), abs=1e-6), pixel
+    # 2x2 -> 4x4: align_corners=True samples at 1/3 (align_corners=False would give 0.25)
+    feats = torch.tensor([[[[0.0, 3.0], [6.0, 9.0]], [[1.0, 1.0], [1.0, 1.0]]]])  # f(y, x) = 6y + 3x
+    assert _single_pixel_direction(feats, (4, 4), (1, 1)) == pytest.approx(py_normalize([3.0, 1.0]), abs=1e-6)
+    assert _single_pixel_direction(feats, (4, 4), (2, 1)) == pytest.approx(py_normalize([5.0, 1.0]), abs=1e-6)
+
+
+def test_ema_cam_is_upsampled_too():
+    # features at 1x2 -> labels 1x3; CAM (1, 1, 1, 2) = [0, 4] -> upsampled [0, 2, 4]
+    feats = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # upsampled: (1,0), (0.5,0.5), (0,1)
+    cam = torch.tensor([[[[0.0, 4.0]]]])
+    protos = torch.zeros(1, 2)
+    counts = torch.zeros(1, dtype=torch.int64)
+    reference.proto_ema_update(protos, counts, feats, cam, torch.zeros(1, 1, 3, dtype=torch.long))
+    # weights 0, 2, 4 on vectors (1,0), (0.5,0.5), (0,1): sum w v = (1, 5)
+    assert protos[0].tolist() == pytest.approx(py_normalize([1.0, 5.0]), abs=1e-6)
+    assert counts.tolist() == [3]
+
+
+def test_ema_reduce_sums_the_statistics_before_the_ema():
+    # two "ranks", K=2, D=2, identity upsampling. Rank 0: class 0 weights 1, 3 on (1,0), (0,2);
+    # rank 1: class 0 weight 2 on (4,0), class 1 weight 0 on (1,1). Summed: class 0 sum w v =
+    # (9, 6), sum w = 6, kept 3; class 1 kept 1 with weight sum 0 (count grows, row stays).
+    feats0 = _maps([[1.0, 0.0], [0.0, 2.0]], 1, 1, 2)
+    cam0 = _maps([[1.0, 7.0], [3.0, 7.0]], 1, 1, 2)
+    feats1 = _maps([[4.0, 0.0], [1.0, 1.0]], 1, 1, 2)
+    cam1 = _maps([[2.0, 5.0], [5.0, 0.0]], 1, 1, 2)
+    labels0, labels1 = torch.tensor([[[0, 0]]]), torch.tensor([[[0, 1]]])
+    other = reference.proto_class_stats(feats1, cam1, labels1, num_classes=2)
+    seen = []
+
+    def reduce(weighted_sum, weight_sum, kept):
+        seen.append((weighted_sum.tolist(), weight_sum.tolist(), kept.tolist()))
+        for t, o in zip((weighted_sum, weight_sum, kept), other):
+            t += o
+
+    protos = torch.tensor([[0.0, 0.0], [0.6, 0.8]])
+    counts = torch.tensor([0, 4])
+    reference.proto_ema_update(protos, counts, feats0, cam0, labels0, reduce=reduce)
+    assert seen == [([[1.0, 6.0], [0.0, 0.0]], [4.0, 0.0], [2, 0])]  # this rank's own statistics
+    assert protos[0].tolist() == pytest.approx(py_normalize([1.5, 1.0]), abs=1e-6)  # alpha 1: mu itself
+    assert protos[1].tolist() == pytest.approx([0.6, 0.8], abs=1e-7)
+    assert counts.tolist() == [3, 5]
+    # an identity reduce is the plain update
+    a = (torch.tensor([[1.0, 0.0], [0.6, 0.8]]), torch.tensor([3, 4]))
+    b = (a[0].clone(), a[1].clone())
+    reference.proto_ema_update(*a, feats0, cam0, labels0)
+    reference.proto_ema_update(*b, feats0, cam0, labels0, reduce=lambda *t: None)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------- the switch picks the compiled op
+
+@needs_extension
+def test_fused_cpu_uses_the_cpp_op(monkeypatch):
+    monkeypatch.delenv("CONFETI_KERNELS", raising=False)
+    assert ops.implementation("proto_ema_update", "cpu") is pu.proto_ema_update
+
+
+# ---------------------------------------------------------------- the compiled op = the reference
 
 def make_case(seed, B=2, D=16, h=9, w=11, H=100, W=90, K=19, cam=True, dtype=torch.float32,
               classes=None, ignore=0.1, counts_max=0, valid=False, channels_last=False):
@@ -105,12 +359,14 @@ SHAPES = [  # B, D, h, w, H, W, K
 ]
 
 
+@needs_extension
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_random_shapes(shape):
     B, D, h, w, H, W, K = shape
     check_cpu(make_case(1, B=B, D=D, h=h, w=w, H=H, W=W, K=K))
 
 
+@needs_extension
 def test_ties_without_cam():
     # every weight is 1: the 32 lowest flat indices of each class, across images in (b, y, x) order
     check_cpu(make_case(2, cam=False))
@@ -122,6 +378,7 @@ def ties_at_the_cut(case, top_k):
     return any(w.numel() > top_k and w[top_k - 1] == w[top_k] for _, _, w, _ in full)
 
 
+@needs_extension
 @pytest.mark.parametrize("h,H,top_k", [(5, 17, 32), (5, 9, 4), (9, 9, 4), (3, 65, 32)])
 def test_ties_dyadic_cam(h, H, top_k):
     case = make_case(3, B=2, h=h, w=h, H=H, W=H, K=16, ignore=0.0)
@@ -130,6 +387,7 @@ def test_ties_dyadic_cam(h, H, top_k):
     check_cpu(case, top_k=top_k)
 
 
+@needs_extension
 def test_weights_are_bitwise_those_of_interpolate():
     # Weights a few ulps apart: the full order (top_k = every pixel) is the reference's only if
     # every interpolated weight has the same bits. This is ATen's generic CPU kernel (contiguous
@@ -145,12 +403,14 @@ def test_weights_are_bitwise_those_of_interpolate():
     assert_same_selection(case, idx, cand, top_k=2 * H * W)
 
 
+@needs_extension
 def test_constant_cam_is_all_ties():
     case = make_case(4, K=19)
     case["cam"] = torch.full_like(case["cam"], 0.375)
     check_cpu(case)
 
 
+@needs_extension
 def test_fewer_candidates_than_k_and_absent_classes():
     case = make_case(5, B=1, H=12, W=10, K=19, classes=[0, 3, 7, 18], ignore=0.3)
     idx, cand = op_selection(case)
@@ -160,6 +420,7 @@ def test_fewer_candidates_than_k_and_absent_classes():
     assert n[1] == case["counts"][1]
 
 
+@needs_extension
 def test_zero_weights_for_a_class():
     case = make_case(6, K=19, counts_max=3)
     case["cam"][:, 4] = 0
@@ -169,33 +430,39 @@ def test_zero_weights_for_a_class():
     assert torch.allclose(p[4], F.normalize(case["prototypes"][4], dim=0), atol=1e-7)
 
 
+@needs_extension
 def test_warmup_valid_mask():
     check_cpu(make_case(7, cam=False, valid=True))
     check_cpu(make_case(8, cam=True, valid=True))
 
 
+@needs_extension
 @pytest.mark.parametrize("counts_max", [1, 5, 2000])
 def test_nonzero_starting_counts(counts_max):
     check_cpu(make_case(9, counts_max=counts_max), momentum=0.9)
 
 
+@needs_extension
 def test_channels_last_inputs():
     check_cpu(make_case(10, channels_last=True))
     check_cpu(make_case(11, h=17, w=13, H=150, W=140, channels_last=True))
 
 
+@needs_extension
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype):
     check_cpu(make_case(12, dtype=dtype))
     check_cpu(make_case(13, dtype=dtype, channels_last=True, K=16))
 
 
+@needs_extension
 def test_bfloat16_feats_with_float_cam():
     case = make_case(14)
     case["feats"] = case["feats"].bfloat16()
     check_cpu(case)
 
 
+@needs_extension
 def test_strided_labels_and_cam():
     case = make_case(15, H=80, W=100)
     case["labels"] = case["labels"].transpose(1, 2)  # (B, 100, 80), not contiguous
@@ -204,11 +471,13 @@ def test_strided_labels_and_cam():
     check_cpu(case)
 
 
+@needs_extension
 @pytest.mark.parametrize("top_k", [1, 5, 32, 100])
 def test_top_k_values(top_k):
     check_cpu(make_case(16, K=16), top_k=top_k)
 
 
+@needs_extension
 def test_all_pixels_ignored():
     case = make_case(17, ignore=1.0, counts_max=4)
     p, n = check_cpu(case)
@@ -216,6 +485,7 @@ def test_all_pixels_ignored():
     assert torch.allclose(p, F.normalize(case["prototypes"], dim=1), atol=1e-7)
 
 
+@needs_extension
 def test_nan_and_signed_zero_weights_order_like_torch_sort():
     case = make_case(18, B=1, h=4, w=4, H=4, W=4, K=3, ignore=0.0)
     cam = case["cam"]
@@ -226,6 +496,7 @@ def test_nan_and_signed_zero_weights_order_like_torch_sort():
     assert_same_selection(case, idx, cand, top_k=6)
 
 
+@needs_extension
 def test_multi_level_selection_matches():
     # > 2048 * 64 pixels: the emulated CUDA path needs two reduce levels
     case = make_case(19, B=2, D=8, h=21, w=23, H=300, W=310, K=19)
@@ -235,6 +506,7 @@ def test_multi_level_selection_matches():
 
 # ---------------------------------------------------------------- behaviour
 
+@needs_extension
 def test_deterministic_and_independent_of_threads():
     case = make_case(20, H=200, W=210)
     threads = torch.get_num_threads()
@@ -249,6 +521,7 @@ def test_deterministic_and_independent_of_threads():
         assert torch.equal(p, results[0][0]) and torch.equal(n, results[0][1])
 
 
+@needs_extension
 def test_in_place():
     case = make_case(21)
     p, n = case["prototypes"].clone(), case["counts"].clone()
@@ -258,6 +531,7 @@ def test_in_place():
     assert not torch.equal(p, case["prototypes"]) and not torch.equal(n, case["counts"])
 
 
+@needs_extension
 def test_strided_prototypes_updated_in_place():
     case = make_case(22)
     table = torch.zeros(case["prototypes"].shape[1], case["prototypes"].shape[0])
@@ -269,6 +543,7 @@ def test_strided_prototypes_updated_in_place():
     assert (table.t() - ref_p).abs().max().item() <= 1e-6 and torch.equal(n, ref_n)
 
 
+@needs_extension
 def test_wrapper_converts_labels_and_valid():
     case = make_case(23, valid=True)
     p, n = case["prototypes"].clone(), case["counts"].clone()
@@ -285,6 +560,7 @@ def _raw(case, **over):
         args["momentum"], args["top_k"])
 
 
+@needs_extension
 @pytest.mark.parametrize("over,message", [
     (dict(labels=torch.zeros(2, 100, 90, dtype=torch.int32)), "labels must be int64"),
     (dict(labels=torch.zeros(100, 90, dtype=torch.long)), "labels must be (B, H, W)"),
@@ -307,12 +583,14 @@ def test_clear_errors(over, message):
         _raw(case, **over)
 
 
+@needs_extension
 def test_proto_select_needs_num_classes_without_cam():
     case = make_case(25, cam=False)
     with pytest.raises(ValueError, match="num_classes"):
         pu.proto_select(None, case["labels"])
 
 
+@needs_extension
 def test_torch_compile_fullgraph():
     case = make_case(26, B=1, D=8, h=5, w=5, H=20, W=20, K=5)
 
@@ -358,6 +636,7 @@ CUDA_CASES = {
 }
 
 
+@needs_extension
 @needs_cuda
 @pytest.mark.parametrize("name", sorted(CUDA_CASES))
 def test_cuda_matches_reference(name):
@@ -366,6 +645,7 @@ def test_cuda_matches_reference(name):
     assert torch.equal(idx, cpu_idx)
 
 
+@needs_extension
 @needs_cuda
 @pytest.mark.parametrize("h,H,top_k", [(5, 17, 32), (5, 9, 4), (3, 65, 32)])
 def test_cuda_ties_dyadic_cam(h, H, top_k):
@@ -374,6 +654,7 @@ def test_cuda_ties_dyadic_cam(h, H, top_k):
     check_cuda(case, exact_selection=True, top_k=top_k)
 
 
+@needs_extension
 @needs_cuda
 def test_cuda_ties_without_cam_and_zero_weights():
     check_cuda(make_case(10, cam=False, valid=True), exact_selection=True)
@@ -383,6 +664,7 @@ def test_cuda_ties_without_cam_and_zero_weights():
     check_cuda(case, exact_selection=True)
 
 
+@needs_extension
 @needs_cuda
 def test_cuda_deterministic_and_small():
     case = on(make_case(12, B=2, D=512, h=81, w=81, H=640, W=640, ignore=0.05), "cuda")
@@ -454,6 +736,7 @@ REDUCE_CASES = {
 }
 
 
+@needs_extension
 @pytest.mark.parametrize("name", sorted(REDUCE_CASES))
 def test_identity_reduce_is_the_one_shot_update(name):
     case = REDUCE_CASES[name]()
@@ -468,6 +751,7 @@ def test_identity_reduce_is_the_one_shot_update(name):
     assert torch.equal(p3, ref_p) and torch.equal(n3, ref_n)
 
 
+@needs_extension
 @pytest.mark.parametrize("name", sorted(REDUCE_CASES))
 def test_stats_and_apply_match_reference(name):
     case = REDUCE_CASES[name]()
@@ -481,6 +765,7 @@ def test_stats_and_apply_match_reference(name):
     assert torch.equal(n, ref_n) and (p - ref_p).abs().max().item() <= 1e-6
 
 
+@needs_extension
 def test_apply_from_hand_made_statistics():
     # as after a reduction: kept > top_k, zero weight sums with kept > 0, negative weights,
     # absent classes; K = 19, strided prototypes and non-contiguous statistics
@@ -583,6 +868,7 @@ def reference_stats_on(rc):
                                             rc["prototypes"].shape[0]))
 
 
+@needs_extension
 def test_simulated_two_ranks():
     case = two_rank_case()
     hand = [hand_rank_stats(rank_slice(case, r)) for r in (0, 1)]
@@ -627,6 +913,7 @@ dist.destroy_process_group()
 """
 
 
+@needs_extension
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with gloo not available")
 def test_two_processes_gloo(tmp_path):
@@ -660,6 +947,7 @@ def test_two_processes_gloo(tmp_path):
         assert torch.equal(p0, sim_p) and torch.equal(n0, sim_n), name
 
 
+@needs_extension
 @pytest.mark.parametrize("over,message", [
     (dict(weighted_sum=torch.zeros(19, 15)), "weighted_sum must be (K, D) = (19, 16)"),
     (dict(weighted_sum=torch.zeros(19, 16, dtype=torch.float64)), "weighted_sum must be float32"),
@@ -677,6 +965,7 @@ def test_apply_clear_errors(over, message):
         torch.ops.confeti_fast.proto_ema_apply_(*args.values())
 
 
+@needs_extension
 def test_stats_clear_errors():
     case = make_case(24)
     with pytest.raises(RuntimeError, match="feats has batch 1 but labels have 2"):
@@ -687,6 +976,7 @@ def test_stats_clear_errors():
         pu.proto_class_stats(case["feats"], None, case["labels"])
 
 
+@needs_extension
 def test_torch_compile_fullgraph_with_reduce():
     case = make_case(26, B=1, D=8, h=5, w=5, H=20, W=20, K=5)
 
@@ -702,6 +992,7 @@ def test_torch_compile_fullgraph_with_reduce():
     assert torch.equal(out, eager) and torch.equal(p2, p1) and torch.equal(n2, n1)
 
 
+@needs_extension
 @needs_cuda
 @pytest.mark.parametrize("name", sorted(REDUCE_CASES))
 def test_cuda_reduce_path(name):
@@ -717,6 +1008,7 @@ def test_cuda_reduce_path(name):
     assert torch.equal(n2.cpu(), ref_n) and (p2.cpu() - ref_p).abs().max().item() <= 1e-5
 
 
+@needs_extension
 @needs_cuda
 def test_cuda_reduce_path_does_not_sync_the_host():
     c = on(make_case(27), "cuda")
@@ -733,6 +1025,7 @@ def test_cuda_reduce_path_does_not_sync_the_host():
     torch.cuda.synchronize()
 
 
+@needs_extension
 @needs_cuda
 def test_cuda_simulated_two_ranks():
     case = two_rank_case()
@@ -740,3 +1033,58 @@ def test_cuda_simulated_two_ranks():
     assert torch.equal(p0, p1) and torch.equal(n0, n1)
     (c0, m0), _ = simulate_two_ranks(case, pu.proto_ema_update, fused_stats_on)[0]
     assert torch.equal(n0, m0) and (p0 - c0).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------- opcheck
+# torch.library.opcheck on the extension's ops: test_schema (the in-place ops mutate exactly what
+# their schemas declare, Tensor(a!) prototypes and Tensor(b!) counts, and nothing else),
+# test_faketensor (the fake kernels of kernels/proto_update.py give the real outputs' metadata),
+# test_autograd_registration and test_aot_dispatch_dynamic (the ops trace under torch.compile).
+
+OPCHECK_CASES = {
+    "cam_and_valid": dict(valid=True, counts_max=3),
+    "no_cam": dict(cam=False),
+    "bf16_channels_last": dict(dtype=torch.bfloat16, channels_last=True),
+}
+OPCHECK_DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+def opcheck_case(name, device):
+    """A small case on `device`: (prototypes, counts, the four inputs, K)."""
+    c = on(make_case(40, B=2, D=8, h=5, w=6, H=12, W=14, K=5, **OPCHECK_CASES[name]), device)
+    return c["prototypes"], c["counts"], (c["feats"], c["cam"], c["labels"], c["valid"]), c["prototypes"].shape[0]
+
+
+@needs_extension
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+@pytest.mark.parametrize("name", list(OPCHECK_CASES))
+def test_opcheck_proto_ema_update_(device, name):
+    protos, counts, inputs, _ = opcheck_case(name, device)
+    torch.library.opcheck(torch.ops.confeti_fast.proto_ema_update_.default,
+                          (protos.clone(), counts.clone(), *inputs, 0.9, 4))
+
+
+@needs_extension
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+@pytest.mark.parametrize("name", list(OPCHECK_CASES))
+def test_opcheck_proto_select(device, name):
+    _, _, (_, cam, labels, valid), num_classes = opcheck_case(name, device)
+    torch.library.opcheck(torch.ops.confeti_fast.proto_select.default, (cam, labels, valid, num_classes, 4))
+
+
+@needs_extension
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+@pytest.mark.parametrize("name", list(OPCHECK_CASES))
+def test_opcheck_proto_class_stats(device, name):
+    _, _, inputs, num_classes = opcheck_case(name, device)
+    torch.library.opcheck(torch.ops.confeti_fast.proto_class_stats.default, (*inputs, num_classes, 4))
+
+
+@needs_extension
+@pytest.mark.parametrize("device", OPCHECK_DEVICES)
+@pytest.mark.parametrize("name", list(OPCHECK_CASES))
+def test_opcheck_proto_ema_apply_(device, name):
+    protos, counts, inputs, num_classes = opcheck_case(name, device)
+    stats = torch.ops.confeti_fast.proto_class_stats(*inputs, num_classes, 4)
+    torch.library.opcheck(torch.ops.confeti_fast.proto_ema_apply_.default,
+                          (protos.clone(), counts.clone(), *stats, 0.9))

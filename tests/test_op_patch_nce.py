@@ -1,8 +1,12 @@
-"""The fused PatchNCE Triton op against the reference op (the contract): loss and q gradients.
+"""patch_nce (SPEC 6): the reference against the CUT code and by hand, and the fused Triton
+op against the reference (the contract): loss and q gradients. (On the CPU "fused" is the
+reference itself; the switch: test_ops_switch.py.)
 
-Runs on CPU under the Triton interpreter and on CUDA when a GPU is present; the tolerances
-(fp32 and bf16) are those of tests/test_contrast_kernel.py and live in triton_support.py.
+The Triton op runs on CPU under the Triton interpreter and on CUDA when a GPU is present; the
+tolerances (fp32 and bf16) are those of tests/test_op_contrast.py and live in helpers.py.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,14 +14,70 @@ import torch.nn.functional as F
 from confeti_fast.kernels import patch_nce as kp
 from confeti_fast.ops import reference
 from confeti_fast.profiling import count_launches
-from triton_support import BF16_GRAD_ATOL_FRAC, BF16_GRAD_RTOL, BF16_LOSS, DEVICES, FP32, needs_cuda
-from triton_support import exact_fp32_matmul  # noqa: F401  (autouse fixture)
+from helpers import BF16_GRAD_ATOL_FRAC, BF16_GRAD_RTOL, BF16_LOSS, DEVICES, FP32, needs_cuda
+from helpers import exact_fp32_matmul  # noqa: F401  (autouse fixture)
 
-if not kp.AVAILABLE:
-    pytest.skip(f"Triton unusable here: {kp.LOAD_ERROR}", allow_module_level=True)
+needs_triton = pytest.mark.skipif(not kp.AVAILABLE, reason=f"Triton unusable here: {kp.LOAD_ERROR}")
 
 
-# ------------------------------------------------------------------------------ PatchNCE
+# ---------------------------------------------------------------- the reference
+
+def _cut_patch_nce(q_layers, k_layers, batch_size, tau):
+    """The CUT code (patchnce.py, nce_includes_all_negatives_from_minibatch=False), averaged
+    over layers as in cut_model.calculate_NCE_loss."""
+    total = 0.0
+    for feat_q, feat_k in zip(q_layers, k_layers):
+        feat_k = feat_k.detach()
+        num_patches, dim = feat_q.shape
+        l_pos = (feat_q * feat_k).sum(-1, keepdim=True)
+        q = feat_q.view(batch_size, -1, dim)
+        k = feat_k.view(batch_size, -1, dim)
+        npatches = q.size(1)
+        l_neg_curbatch = torch.bmm(q, k.transpose(2, 1))
+        diagonal = torch.eye(npatches, dtype=torch.bool)[None, :, :]
+        l_neg_curbatch.masked_fill_(diagonal, -10.0)
+        l_neg = l_neg_curbatch.view(-1, npatches)
+        out = torch.cat((l_pos, l_neg), dim=1) / tau
+        loss = F.cross_entropy(out, torch.zeros(out.size(0), dtype=torch.long), reduction="none")
+        total = total + loss.mean()
+    return total / len(q_layers)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_patch_nce_matches_cut_code(seed):
+    g = torch.Generator().manual_seed(seed)
+    qs = [F.normalize(torch.randn(2 * 16, 8, generator=g), dim=1) for _ in range(5)]
+    ks = [F.normalize(torch.randn(2 * 16, 8, generator=g), dim=1) for _ in range(5)]
+    got = reference.patch_nce(qs, ks, 2)
+    want = _cut_patch_nce(qs, ks, 2, 0.07)
+    assert got.item() == pytest.approx(want.item(), abs=1e-6, rel=1e-6)
+
+
+def test_patch_nce_hand_value_and_same_image_negatives():
+    # q = k = orthonormal rows: logits 1/tau on the diagonal, 0 elsewhere (P=2 per image)
+    e = torch.eye(2)
+    q = torch.cat([e, e])  # batch 2, 2 patches each
+    got = reference.patch_nce([q], [q.clone()], 2).item()
+    assert got == pytest.approx(math.log(1 + math.exp(-1 / 0.07)), abs=1e-7)
+    got = reference.patch_nce([q], [q.clone()], 2, tau=0.25).item()
+    assert got == pytest.approx(math.log(1 + math.exp(-4)), rel=1e-5)
+    # negatives from the whole batch would include the other image's identical row (logits
+    # 4, 0, 4, 0): CE = log(2 + 2 e^-4), about 0.71, far from 0.018
+    # tau is honoured: with tau = 1, per patch logits (1, 0) -> CE = log(e + 1) - 1
+    assert reference.patch_nce([q], [q.clone()], 2, tau=1.0).item() == pytest.approx(math.log(math.e + 1) - 1, rel=1e-6)
+
+
+def test_patch_nce_k_gets_no_gradient():
+    g = torch.Generator().manual_seed(5)
+    q = F.normalize(torch.randn(8, 4, generator=g), dim=1).requires_grad_(True)
+    k = F.normalize(torch.randn(8, 4, generator=g), dim=1).requires_grad_(True)
+    loss = reference.patch_nce([q, q * 1.0], [k, k * 1.0], 2)
+    loss.backward()
+    assert k.grad is None
+    assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- the Triton op = the reference
 
 def nce_case(device, shapes, batch_size, dtype=torch.float32, seed=0):
     """q and k layers as (B*P, C) rows, L2-normalized like PatchSampleF's output."""
@@ -47,6 +107,7 @@ NCE_CASES = {
 }
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(NCE_CASES))
 def test_patch_nce_matches_reference(device, name):
@@ -60,6 +121,7 @@ def test_patch_nce_matches_reference(device, name):
         torch.testing.assert_close(g, rg, **FP32)
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_patch_nce_other_tau_and_unnormalized_q(device):
     # q is used as given (no renormalization), exactly like the reference.
@@ -72,6 +134,7 @@ def test_patch_nce_other_tau_and_unnormalized_q(device):
         torch.testing.assert_close(g, rg, **FP32)
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_patch_nce_opcheck(device):
     qs, ks = nce_case(device, [(10, 16)] * 2 + [(6, 8)], 2)
@@ -82,6 +145,7 @@ def test_patch_nce_opcheck(device):
                           (grads, torch.tensor(0.5, device=device), [0, 1, 0]))
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_patch_nce_compiles_without_graph_breaks(device):
     qs, ks = nce_case(device, [(10, 16), (10, 16), (6, 16)], 2)
@@ -97,6 +161,7 @@ def test_patch_nce_compiles_without_graph_breaks(device):
         torch.testing.assert_close(x.grad, y.grad, **FP32)
 
 
+@needs_triton
 @needs_cuda
 @pytest.mark.parametrize("shapes", [[(10, 16)] * 3, [(256, 256)] * 5], ids=["small", "training_size"])
 def test_patch_nce_bf16_cuda(shapes):
@@ -110,6 +175,7 @@ def test_patch_nce_bf16_cuda(shapes):
                                    atol=BF16_GRAD_ATOL_FRAC * rg.float().abs().max().item())
 
 
+@needs_triton
 @needs_cuda
 def test_patch_nce_training_size_fp32_cuda():
     qs, ks = nce_case("cuda", [(256, 256)] * 5, 2)
@@ -120,6 +186,7 @@ def test_patch_nce_training_size_fp32_cuda():
         torch.testing.assert_close(g, rg, **FP32)
 
 
+@needs_triton
 @needs_cuda
 def test_patch_nce_has_no_host_syncs_cuda():
     qs, ks = nce_case("cuda", [(10, 16)] * 2, 2)
@@ -155,6 +222,7 @@ def nce_launches(qs, ks, batch_size, grad_out):
     return names, out["loss"].detach(), [q.grad for q in q_leaves]
 
 
+@needs_triton
 def test_patch_nce_forward_backward_launches():
     # CUT's case: five layers of one shape -> rows kernel, loss sum, backward scale; no stacking.
     qs, ks = nce_case("cpu", [(12, 24)] * 5, 2)
@@ -171,6 +239,7 @@ def test_patch_nce_forward_backward_launches():
     assert torch.equal(loss, loss2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
 
 
+@needs_triton
 def test_patch_nce_mixed_dtypes_and_strides():
     # Same shape, but a bf16 layer, a column-major q, a row-strided (sliced) k: the layers are
     # read where they lie (no copies); each (dtype, strides) is its own rows launch.
@@ -192,6 +261,7 @@ def test_patch_nce_mixed_dtypes_and_strides():
             torch.testing.assert_close(g, grad_out * rg, **FP32)
 
 
+@needs_triton
 def test_patch_nce_more_layers_than_pointer_slots(monkeypatch):
     # Past MAX_LAYERS a group runs in several launches (forward and backward alike).
     monkeypatch.setattr(kp, "MAX_LAYERS", 2)

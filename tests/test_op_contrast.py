@@ -1,8 +1,13 @@
-"""The fused Triton ops against the reference ops (the contract): losses and gradients.
+"""pixel_proto_contrast (SPEC 5): the reference by hand, and the CPU fast path and the fused
+Triton op against the reference (the contract): losses and gradients. (The switch that picks
+among them: test_ops_switch.py; the sampler: test_sampling.py.)
 
-Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py where there
-is no CUDA GPU) and on CUDA when a GPU is present; shapes are small because the interpreter is
-~1000x slower than eager.
+The hand-computed checks take every expected value from typed-in numbers or a naive
+formulation written here or in helpers.py (plain Python / `math`), never from the code under test.
+
+The Triton op runs on CPU under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py
+where there is no CUDA GPU) and on CUDA when a GPU is present; shapes are small because the
+interpreter is ~1000x slower than eager.
 
 Tolerances
 * fp32: rtol 1e-5, atol 1e-6. Both sides compute in fp32 from the same inputs; only the
@@ -15,6 +20,8 @@ Tolerances
   relative): rtol 1e-2, atol 1e-3 x the largest reference gradient (for elements where the
   normalization's g - v (v.g) cancels and the relative error of tiny values is larger).
 """
+import itertools
+import math
 import os
 from pathlib import Path
 
@@ -25,14 +32,240 @@ import torch.nn.functional as F
 from confeti_fast.kernels import contrast as kc
 from confeti_fast.kernels import patch_nce as kp
 from confeti_fast.ops import reference
-from triton_support import BF16_GRAD_ATOL_FRAC, BF16_GRAD_RTOL, BF16_LOSS, DEVICES, FP32, needs_cuda
-from triton_support import exact_fp32_matmul  # noqa: F401  (autouse fixture)
+from confeti_fast.ops.contrast import pixel_proto_contrast_cpu
+from confeti_fast.ops.sampling import sample_kept_pixels, sample_pixels
+from helpers import BF16_GRAD_ATOL_FRAC, BF16_GRAD_RTOL, BF16_LOSS, DEVICES, FP32, needs_cuda, py_normalize
+from helpers import exact_fp32_matmul  # noqa: F401  (autouse fixture)
 
-if not (kc.AVAILABLE and kp.AVAILABLE):
-    pytest.skip(f"Triton unusable here: {kc.LOAD_ERROR or kp.LOAD_ERROR}", allow_module_level=True)
+needs_triton = pytest.mark.skipif(not (kc.AVAILABLE and kp.AVAILABLE),
+                                  reason=f"Triton unusable here: {kc.LOAD_ERROR or kp.LOAD_ERROR}")
 
 
-# ------------------------------------------------------------------------------ contrast
+# ---------------------------------------------------------------- the reference, by hand
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def _log_softmax(xs):
+    m = max(xs)
+    lse = m + math.log(sum(math.exp(x - m) for x in xs))
+    return [x - lse for x in xs]
+
+
+def _feats(pixels, h, w):
+    """(1, D, h, w) tensor from a list of D-vectors in (y, x) order."""
+    t = torch.tensor(pixels, dtype=torch.float32)  # (h*w, D)
+    return t.t().reshape(1, -1, h, w).contiguous()
+
+
+def _naive_contrast(pixels, labels, protos, sample_idx, tau=0.1, ce_weight=0.5, reg_weight=2.0):
+    v = [py_normalize(p) for p in pixels]
+    ce = 0.0
+    for i in sample_idx:
+        logits = [_dot(v[i], pk) / tau for pk in protos]
+        ce += -_log_softmax(logits)[labels[i]]
+    ce = ce_weight * ce / len(sample_idx)
+    kept = [i for i, lab in enumerate(labels) if lab != 255]
+    vbar = [sum(v[i][d] for i in kept) / len(kept) for d in range(len(pixels[0]))]
+    k = len(protos)
+    reg = reg_weight * sum(_log_softmax([_dot(vbar, pk) / tau for pk in protos])) / (k * math.log(k))
+    return ce, reg
+
+
+PROTOS3 = [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]
+
+
+def test_contrast_tiny_case_by_hand():
+    # v = (0.6, 0.8), (0, -1), (-1/sqrt2, 1/sqrt2)
+    pixels = [[3.0, 4.0], [0.0, -2.0], [-1.0, 1.0]]
+    labels = [0, 1, 2]
+    feats = _feats(pixels, 1, 3)
+    lab = torch.tensor(labels).reshape(1, 1, 3)
+    protos = torch.tensor(PROTOS3)
+    ce, reg = reference.pixel_proto_contrast(feats, lab, protos, sample_idx=torch.tensor([0, 2]))
+
+    # pixel 0: logits (6, 8, -6), target 0; pixel 2: logits (-7.071, 7.071, 7.071), target 2
+    s = 1 / math.sqrt(2)
+    ce0 = -(6 - math.log(math.exp(6) + math.exp(8) + math.exp(-6)))
+    ce2 = -(10 * s - math.log(math.exp(-10 * s) + 2 * math.exp(10 * s)))
+    exp_ce = 0.5 * (ce0 + ce2) / 2
+    # vbar over ALL three kept pixels (not just the two sampled ones)
+    vbar = [(0.6 + 0 - s) / 3, (0.8 - 1 + s) / 3]
+    z = [10 * vbar[0], 10 * vbar[1], -10 * vbar[0]]
+    lse = math.log(sum(math.exp(x) for x in z))
+    exp_reg = 2 * sum(x - lse for x in z) / (3 * math.log(3))
+    assert ce.item() == pytest.approx(exp_ce, abs=1e-5)
+    assert reg.item() == pytest.approx(exp_reg, abs=1e-5)
+    # and the naive helper agrees with the spelled-out arithmetic
+    assert _naive_contrast(pixels, labels, PROTOS3, [0, 2]) == pytest.approx((exp_ce, exp_reg), abs=1e-12)
+
+    # vbar over only the sampled pixels would give a different regulariser: the test can tell
+    vbar_s = [(0.6 - s) / 2, (0.8 + s) / 2]
+    z_s = [10 * vbar_s[0], 10 * vbar_s[1], -10 * vbar_s[0]]
+    wrong = 2 * sum(_log_softmax(z_s)) / (3 * math.log(3))
+    assert abs(wrong - exp_reg) > 1e-2
+
+
+def test_contrast_ignored_pixels_excluded_from_vbar():
+    pixels = [[3.0, 4.0], [0.0, -2.0], [-1.0, 1.0], [5.0, 0.5]]
+    labels = [0, 255, 2, 255]
+    feats = _feats(pixels, 2, 2)
+    lab = torch.tensor(labels).reshape(1, 2, 2)
+    ce, reg = reference.pixel_proto_contrast(feats, lab, torch.tensor(PROTOS3), sample_idx=torch.tensor([2]))
+    exp_ce, exp_reg = _naive_contrast(pixels, labels, PROTOS3, [2])
+    assert ce.item() == pytest.approx(exp_ce, abs=1e-5)
+    assert reg.item() == pytest.approx(exp_reg, abs=1e-5)
+    # including ignored pixels in vbar would change it
+    _, reg_all = _naive_contrast(pixels, [0, 1, 2, 0], PROTOS3, [2])
+    assert abs(reg_all - exp_reg) > 1e-2
+
+
+def test_contrast_parameters_are_honoured():
+    pixels = [[3.0, 4.0], [0.0, -2.0], [-1.0, 1.0]]
+    labels = [1, 1, 0]
+    lab = torch.tensor(labels).reshape(1, 1, 3)
+    ce, reg = reference.pixel_proto_contrast(_feats(pixels, 1, 3), lab, torch.tensor(PROTOS3), tau=0.5,
+                                   sample_idx=torch.tensor([1, 2, 0]), ce_weight=1.0, reg_weight=1.0)
+    exp_ce, exp_reg = _naive_contrast(pixels, labels, PROTOS3, [1, 2, 0], tau=0.5, ce_weight=1.0, reg_weight=1.0)
+    assert ce.item() == pytest.approx(exp_ce, abs=1e-5)
+    assert reg.item() == pytest.approx(exp_reg, abs=1e-5)
+
+
+def test_contrast_k19_uniform_logits():
+    # zero prototypes: every logit 0 -> CE = ln 19, reg = 2 * 19 * ln(1/19) / (19 ln 19) = -2
+    feats = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(0))
+    lab = torch.tensor([[[0, 5, 18], [3, 255, 7]]])
+    ce, reg = reference.pixel_proto_contrast(feats, lab, torch.zeros(19, 4), sample_idx=torch.tensor([0, 1, 2, 3]))
+    assert ce.item() == pytest.approx(0.5 * math.log(19), abs=1e-5)
+    assert reg.item() == pytest.approx(-2.0, abs=1e-5)
+
+
+def test_contrast_k19_uses_k_ln_k():
+    g = torch.Generator().manual_seed(1)
+    protos = F.normalize(torch.randn(19, 3, generator=g), dim=1)
+    feats = torch.randn(1, 3, 2, 2, generator=g)
+    lab = torch.tensor([[[4, 9], [255, 13]]])
+    _, reg = reference.pixel_proto_contrast(feats, lab, protos, sample_idx=torch.tensor([0]))
+    pix = feats[0].permute(1, 2, 0).reshape(-1, 3).tolist()
+    v = [py_normalize(p) for p in pix]
+    kept = [0, 1, 3]
+    vbar = [sum(v[i][d] for i in kept) / 3 for d in range(3)]
+    s = sum(_log_softmax([_dot(vbar, pk) / 0.1 for pk in protos.tolist()]))
+    assert reg.item() == pytest.approx(2 * s / 55.944, rel=1e-4)
+
+
+def test_contrast_all_ignored_is_zero_and_backward_works():
+    feats = torch.randn(2, 3, 2, 2, requires_grad=True)
+    lab = torch.full((2, 2, 2), 255, dtype=torch.long)
+    ce, reg = reference.pixel_proto_contrast(feats, lab, F.normalize(torch.randn(5, 3), dim=1))
+    assert ce.item() == 0.0 and reg.item() == 0.0
+    (ce + reg).backward()
+    assert feats.grad is not None
+    assert torch.equal(feats.grad, torch.zeros_like(feats))
+
+
+def test_contrast_gradients():
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(2, 4, 3, 3, generator=g).requires_grad_(True)
+    protos = F.normalize(torch.randn(6, 4, generator=g), dim=1).requires_grad_(True)
+    lab = torch.randint(0, 6, (2, 3, 3), generator=g)
+    lab[0, 0, 0] = 255
+    ce, reg = reference.pixel_proto_contrast(feats, lab, protos, sample_idx=torch.tensor([1, 4, 9, 17]))
+    (ce + reg).backward()
+    assert protos.grad is None or torch.count_nonzero(protos.grad) == 0
+    assert torch.isfinite(feats.grad).all()
+    assert feats.grad.abs().sum() > 0
+
+
+def _subset_means(values, sizes):
+    out = {}
+    for n in sizes:
+        out[n] = [sum(c) / n for c in itertools.combinations(values, n)]
+    return out
+
+
+def test_contrast_random_sampling_draws_only_kept_pixels():
+    # per-pixel CE values are distinct, so the loss tells which set of pixels was drawn
+    pixels = [[1.0, 0.0], [0.3, 1.0], [0.2, 1.0], [-1.0, 0.5], [2.0, 2.0], [1.0, -0.3]]
+    labels = [1, 255, 2, 1, 255, 0]
+    lab = torch.tensor(labels).reshape(1, 2, 3)
+    feats = _feats(pixels, 2, 3)
+    kept = [0, 2, 3, 5]
+    per_pixel = [_naive_contrast(pixels, labels, PROTOS3, [i], ce_weight=1.0)[0] for i in kept]
+    means = _subset_means(per_pixel, (1, 2, 3, 4))
+    others = [m for n in (1, 3, 4) for m in means[n]]
+    assert min(abs(a - b) for a in means[2] for b in others + [x for x in means[2] if x != a]) > 1e-2
+    seen = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ce, _ = reference.pixel_proto_contrast(feats, lab, torch.tensor(PROTOS3), num_samples=2, ce_weight=1.0)
+        hits = [i for i, m in enumerate(means[2]) if abs(m - ce.item()) < 1e-5]
+        assert len(hits) == 1, ce.item()
+        assert all(abs(m - ce.item()) > 1e-3 for m in others)
+        seen.add(hits[0])
+    assert len(seen) > 1  # it is random
+    # more samples than kept pixels: all kept pixels, each once
+    torch.manual_seed(0)
+    ce, _ = reference.pixel_proto_contrast(feats, lab, torch.tensor(PROTOS3), num_samples=4096, ce_weight=1.0)
+    assert ce.item() == pytest.approx(means[4][0], abs=1e-5)
+
+
+# ---------------------------------------------------------------- the CPU fast path = the reference
+
+def _contrast_inputs(gen, batch, dim, height, width, classes, ignored_fraction, channels_last=False):
+    feats = torch.randn(batch, dim, height, width, generator=gen)
+    if channels_last:
+        feats = feats.to(memory_format=torch.channels_last)
+    labels = torch.randint(0, classes, (batch, height, width), generator=gen)
+    labels[torch.rand(batch, height, width, generator=gen) < ignored_fraction] = 255
+    protos = F.normalize(torch.randn(classes, dim, generator=gen), dim=1)
+    return feats.requires_grad_(True), labels, protos
+
+
+@pytest.mark.parametrize("batch,dim,height,width,classes,ignored,channels_last", [
+    (2, 16, 9, 7, 19, 0.3, False),
+    (1, 40, 13, 11, 16, 0.0, True),
+    (3, 8, 5, 5, 19, 0.97, False),
+])
+def test_cpu_fast_path_matches_reference(batch, dim, height, width, classes, ignored, channels_last):
+    gen = torch.Generator().manual_seed(dim)
+    feats, labels, protos = _contrast_inputs(gen, batch, dim, height, width, classes, ignored, channels_last)
+    idx = sample_kept_pixels(labels, 64, torch.Generator().manual_seed(1))
+    results = []
+    for op in (reference.pixel_proto_contrast, pixel_proto_contrast_cpu):
+        feats.grad = None
+        ce, reg = op(feats, labels, protos, sample_idx=idx)
+        (ce + 0.7 * reg).backward()
+        results.append((ce.detach(), reg.detach(), feats.grad.clone()))
+    (ce0, reg0, g0), (ce1, reg1, g1) = results
+    torch.testing.assert_close(ce1, ce0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reg1, reg0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_fast_path_everything_ignored():
+    feats, labels, protos = _contrast_inputs(torch.Generator().manual_seed(0), 1, 4, 3, 3, 5, 1.0)
+    ce, reg = pixel_proto_contrast_cpu(feats, labels, protos)
+    (ce + reg).backward()
+    assert ce.item() == 0.0 and reg.item() == 0.0
+    assert torch.count_nonzero(feats.grad) == 0
+
+
+def test_cpu_fast_path_skips_samples_at_ignored_pixels():
+    feats, labels, protos = _contrast_inputs(torch.Generator().manual_seed(5), 1, 8, 6, 7, 19, 0.9)
+    idx = sample_pixels(labels, 30, torch.Generator().manual_seed(2))
+    assert (labels.reshape(-1)[idx] == 255).any()
+    got = pixel_proto_contrast_cpu(feats, labels, protos, sample_idx=idx)
+    want = reference.pixel_proto_contrast(feats, labels, protos, sample_idx=idx)
+    kept_only = idx[labels.reshape(-1)[idx] != 255]
+    same = reference.pixel_proto_contrast(feats, labels, protos, sample_idx=kept_only)
+    for a, b, c in zip(got, want, same):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the Triton op = the reference
 
 def contrast_case(device, B=2, D=32, H=9, W=13, K=19, num_samples=100, ignore_frac=0.2, classes=None,
                   kept=None, channels_last=False, dtype=torch.float32, seed=0):
@@ -47,7 +280,7 @@ def contrast_case(device, B=2, D=32, H=9, W=13, K=19, num_samples=100, ignore_fr
     else:
         labels.view(-1)[torch.randperm(labels.numel(), generator=gen)[kept:]] = 255
     protos = F.normalize(torch.randn(K, D, generator=gen), dim=1)
-    idx = reference.sample_kept_pixels(labels.reshape(-1), num_samples, generator=gen)
+    idx = sample_kept_pixels(labels.reshape(-1), num_samples, generator=gen)
     feats = feats.to(device=device, dtype=dtype)
     if channels_last:
         feats = feats.contiguous(memory_format=torch.channels_last)
@@ -87,17 +320,20 @@ CONTRAST_CASES = {
 }
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(CONTRAST_CASES))
 def test_contrast_matches_reference(device, name):
     assert_contrast_matches(contrast_case(device, **CONTRAST_CASES[name]))
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_other_hyperparameters(device):
     assert_contrast_matches(contrast_case(device), tau=0.2, ce_weight=1.0, reg_weight=0.5)
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_multichunk_pixel_kernels(device, monkeypatch):
     # D = 40 in chunks of 16 (the last one 8 wide) in the all-pixel kernels, 32 pixels a block.
@@ -106,6 +342,7 @@ def test_contrast_multichunk_pixel_kernels(device, monkeypatch):
     assert_contrast_matches(contrast_case(device, D=40))
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_multipass_reductions(device, monkeypatch):
     # Small tiles so every reduction loop runs several times, the last pass partial: kernel B
@@ -117,17 +354,19 @@ def test_contrast_multipass_reductions(device, monkeypatch):
     assert_contrast_matches(contrast_case(device, D=40))
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_strided_feats(device):
     # A non-dense view (every other channel, cropped width): read by strides, never copied.
     feats, labels, protos, _ = contrast_case(device, D=64, W=15)
     view = feats[:, ::2, :, 1:-1]
     labels = labels[:, :, 1:-1].contiguous()
-    idx = reference.sample_kept_pixels(labels.reshape(-1), 50, generator=torch.Generator().manual_seed(1))
+    idx = sample_kept_pixels(labels.reshape(-1), 50, generator=torch.Generator().manual_seed(1))
     grad = assert_contrast_matches((view, labels, protos[:, :32].contiguous(), idx.to(device)))
     assert grad.shape == view.shape
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_zero_feature_vector(device):
     # A kept, sampled pixel whose vector is 0 takes F.normalize's eps branch (gradient g / eps).
@@ -140,9 +379,10 @@ def test_contrast_zero_feature_vector(device):
     assert_contrast_matches((feats, labels, protos, idx), grad_tol=dict(rtol=1e-4, atol=1e-6))
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_sampler_draw(device):
-    # sample_idx=None draws with reference.sample_kept_pixels from the global generator.
+    # sample_idx=None draws with sampling.sample_kept_pixels from the global generator.
     feats, labels, protos, _ = contrast_case(device)
     torch.manual_seed(123)
     got = kc.pixel_proto_contrast(feats, labels, protos, num_samples=40)
@@ -152,6 +392,7 @@ def test_contrast_sampler_draw(device):
         torch.testing.assert_close(a, b, **FP32)
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("given_idx", [True, False], ids=["empty_idx", "sampler"])
 def test_contrast_everything_ignored(device, given_idx):
@@ -168,6 +409,7 @@ def test_contrast_everything_ignored(device, given_idx):
     assert rce.item() == 0.0 and rreg.item() == 0.0
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_one_loss_backward(device):
     # Backward through loss_ce alone (loss_reg unused) and loss_reg alone.
@@ -181,6 +423,7 @@ def test_contrast_one_loss_backward(device):
         torch.testing.assert_close(grads[0], grads[1], **FP32)
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_prototypes_get_no_gradient(device):
     feats, labels, protos, idx = contrast_case(device, num_samples=20)
@@ -190,6 +433,7 @@ def test_contrast_prototypes_get_no_gradient(device):
     assert protos.grad is None and feats.grad is not None
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_opcheck(device):
     feats, labels, protos, idx = contrast_case(device, D=16, H=5, W=6, K=5, num_samples=20)
@@ -203,6 +447,7 @@ def test_contrast_opcheck(device):
                               (*grads, feats.detach(), labels, protos, idx, out[2], out[3], 0.1))
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_compiles_without_graph_breaks(device):
     feats, labels, protos, idx = contrast_case(device, D=16, H=5, W=6, K=5, num_samples=20)
@@ -221,6 +466,7 @@ def test_contrast_compiles_without_graph_breaks(device):
     torch.testing.assert_close(a.grad, b.grad, **FP32)
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_duplicate_sample_idx(device):
     # A user-given sample_idx may repeat pixels: the reference counts each repeat in the CE mean
@@ -232,6 +478,7 @@ def test_contrast_duplicate_sample_idx(device):
     assert_contrast_matches((feats, labels, protos, idx))
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_forward_backward_launches(device):
     # Forward + backward with sample_idx given: kernel A (kept sum, zeroes the sample counts),
@@ -257,6 +504,7 @@ def test_contrast_forward_backward_launches(device):
         torch.testing.assert_close(leaves[1].grad, leaves[0].grad, rtol=0, atol=0)  # deterministic
 
 
+@needs_triton
 @needs_cuda
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [dict(), dict(B=2, D=512, H=64, W=64, K=19, num_samples=4096)],
@@ -272,6 +520,7 @@ def test_contrast_bf16_cuda(channels_last, shape):
                                atol=BF16_GRAD_ATOL_FRAC * rgrad.float().abs().max().item())
 
 
+@needs_triton
 @needs_cuda
 def test_contrast_training_size_fp32_cuda():
     # D = 512 (whole rows in the all-pixel kernels, 64-wide chunks in the sampled-row one), 4096 samples.
@@ -279,6 +528,7 @@ def test_contrast_training_size_fp32_cuda():
                                           channels_last=True))
 
 
+@needs_triton
 @needs_cuda
 def test_contrast_has_no_host_syncs_cuda():
     # Forward and backward (sample_idx given) never wait on the GPU.
@@ -353,6 +603,7 @@ def _sm90_ptxas_info(B=2, D=512, H=81, W=81, K=19, N=4096, channels_last=True, d
     return info
 
 
+@needs_triton
 def test_contrast_kernels_compile_for_sm90_without_spills():
     # The interpreter runs what the compiler may reject (e.g. a variable typed differently in
     # the two branches of a runtime if) and shows nothing of registers: compile for sm_90
@@ -364,7 +615,7 @@ def test_contrast_kernels_compile_for_sm90_without_spills():
     if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
         pytest.skip("the triton wheel ships no ptxas here")
     code = ("import json, sys, torch; sys.path.insert(0, %r)\n"
-            "import test_contrast_kernel as t\n"
+            "import test_op_contrast as t\n"
             "print(json.dumps([t._sm90_ptxas_info(),\n"
             "    t._sm90_ptxas_info(D=64, H=9, W=13, N=0, grads=(False, True)),\n"
             "    t._sm90_ptxas_info(D=64, H=9, W=13, N=50, channels_last=False, view=True, grads=(True, False))]))\n"
@@ -381,6 +632,7 @@ def test_contrast_kernels_compile_for_sm90_without_spills():
 
 # ------------------------------------------------------------------------------ module hygiene
 
+@needs_triton
 def test_modules_import_without_heavy_dependencies():
     import ast
     import subprocess
@@ -404,6 +656,7 @@ def test_modules_import_without_heavy_dependencies():
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
 
 
+@needs_triton
 def test_modules_import_without_triton():
     # With triton unimportable the modules still load, flag it, and the ops fall back.
     import subprocess
@@ -423,12 +676,13 @@ def test_modules_import_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
 
 
+@needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_contrast_skips_samples_at_ignored_pixels(device):
     # The trainer's sync-free sampler fills up with ignored pixels when fewer than num_samples
     # are kept; every implementation must skip those samples (CE = mean over the others).
     feats, labels, protos, _ = contrast_case(device, kept=7)
-    idx = reference.sample_pixels(labels, 40, torch.Generator().manual_seed(3)).to(device)
+    idx = sample_pixels(labels, 40, torch.Generator().manual_seed(3)).to(device)
     sampled = labels.reshape(-1)[idx]
     assert int((sampled != 255).sum()) == 7 and int((sampled == 255).sum()) == 33
     assert_contrast_matches((feats, labels, protos, idx))

@@ -1,0 +1,171 @@
+"""What several test files share (a test file never imports another test file):
+
+* the Triton kernel tests' devices, dtype tolerances and fp32-matmul fixture (the reasoning
+  behind each tolerance is in tests/test_op_contrast.py's docstring);
+* plain-Python vector arithmetic for the hand-computed op checks;
+* the SPEC 1 label tables, typed in;
+* small datasets written in the real GTA5 / Cityscapes / SYNTHIA layouts;
+* a tiny training config on such data, and resume helpers.
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from confeti_fast.config import load_config
+from pngwriter import write_png
+
+# ---------------------------------------------------------------- Triton kernel tests
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 / training-size checks)")
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU runs need TRITON_INTERPRET=1 "
+                                                                         "(set by conftest without a GPU)")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU")),
+]
+FP32 = dict(rtol=1e-5, atol=1e-6)
+BF16_LOSS = dict(rtol=1e-4, atol=1e-5)
+BF16_GRAD_RTOL, BF16_GRAD_ATOL_FRAC = 1e-2, 1e-3
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmul():
+    # The reference's matmuls must be true fp32 on the GPU too (TF32 would loosen it to 1e-3).
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ---------------------------------------------------------------- plain-Python arithmetic
+
+def py_normalize(v):
+    """v / |v| for a list of floats (all zeros stays zeros)."""
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v] if n > 0 else [0.0 for _ in v]
+
+
+# ---------------------------------------------------------------- SPEC 1 label tables
+
+# SPEC 1, typed in from the table: labelId -> trainId and SYNTHIA id -> trainId.
+CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+              25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13,
+           19: 15, 12: 17, 11: 18}
+
+
+# ---------------------------------------------------------------- datasets on disk
+
+def _rgb(h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def make_gta5(root, n=2, h=6, w=8):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    ids = []
+    for i in range(n):
+        Image.fromarray(_rgb(h, w, i)).save(root / "images" / f"{i:05d}.png")
+        label = np.random.default_rng(10 + i).choice([0, 7, 8, 13, 26, 33, 34], (h, w)).astype(np.uint8)
+        # Real GTA5 labels are palette PNGs: the palette index is the class id.
+        img = Image.fromarray(label, mode="P")
+        img.putpalette(list(np.random.default_rng(0).integers(0, 256, 768)))
+        img.save(root / "labels" / f"{i:05d}.png")
+        ids.append(label)
+    return ids
+
+
+def make_cityscapes(root, split, cities=("aachen", "bonn"), per_city=2, h=6, w=8):
+    ids = {}
+    for c, city in enumerate(cities):
+        (root / "leftImg8bit" / split / city).mkdir(parents=True)
+        (root / "gtFine" / split / city).mkdir(parents=True)
+        for k in range(per_city):
+            stem = f"{city}_{k:06d}_000019"
+            Image.fromarray(_rgb(h, w, 100 * c + k)).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+            label = np.random.default_rng(c * 10 + k).choice([1, 7, 11, 23, 24, 31, 255], (h, w)).astype(np.uint8)
+            write_png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", label)
+            ids[stem] = label
+    return ids
+
+
+def make_synthia(root, n=2, h=6, w=8, channels=3):
+    (root / "RGB").mkdir(parents=True)
+    (root / "GT" / "LABELS").mkdir(parents=True)
+    ids = []
+    for i in range(n):
+        Image.fromarray(_rgb(h, w, i)).save(root / "RGB" / f"{i:07d}.png")
+        rng = np.random.default_rng(i)
+        class_ids = rng.choice([0, 1, 2, 3, 8, 12, 13, 21, 22, 300, 1003], (h, w)).astype(np.uint16)
+        # Second (and alpha) channels carry instance ids, which must not leak into the class.
+        label = np.stack([class_ids] + [rng.integers(0, 65535, (h, w), dtype=np.uint16)
+                                         for _ in range(channels - 1)], -1)
+        write_png(root / "GT" / "LABELS" / f"{i:07d}.png", label, bit_depth=16)
+        ids.append(class_ids)
+    return ids
+
+
+# ---------------------------------------------------------------- training runs
+
+def tiny_config(tmp_path, base="demo", cut=False, **train):
+    """A tiny run of `base` on generated data; `cut` turns on a 4-channel style transfer."""
+    source = load_config(base)["source"]["type"]
+    (make_synthia if source == "synthia" else make_gta5)(tmp_path / "source", n=4, h=40, w=48)
+    make_cityscapes(tmp_path / "cs", "train", h=40, w=48)
+    make_cityscapes(tmp_path / "cs", "val", per_city=1, h=40, w=48)
+    return load_config(base, {
+        "model": {"depth": 18, "pretrained": None},
+        "source": {"root": str(tmp_path / "source"), "resize": [48, 40], "generate": None},
+        "target": {"root": str(tmp_path / "cs"), "resize": [48, 40], "generate": None},
+        "rcs": {"min_pixels": 30},
+        "stages": {str(stage): {"crop_size": [32, 32], "iters": 4} for stage in (0, 1, 2)},
+        "cut": {"enabled": cut, "ngf": 4, "ndf": 4, "num_patches": 16},
+        "evaluation": {"scale": [48, 40], "interval": 2},
+        "optimizer": {"warmup_iters": 2},
+        # every gate opens within the 4 iterations: t > 0 mixed CAM, t > 1 contrast
+        "train": dict({"mix_cam_after": 0, "contrast_after": 1, "pseudo_ignore_top": 2,
+                       "pseudo_ignore_bottom": 4, "log_interval": 1}, **train),
+    })
+
+
+def assert_states_equal(a, b, path="state"):
+    if torch.is_tensor(a):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            if key != "rng":
+                assert_states_equal(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def resume_after_kill(cfg, stage, work_dir, monkeypatch):
+    """Train, kill the run right after its first checkpoint, resume from it, and finish."""
+    from confeti_fast.checkpoint import load_training_checkpoint
+    from confeti_fast.trainer import Trainer  # here, so that the op tests need no trainer
+
+    save = Trainer.save
+
+    def stop_after_first_checkpoint(self, result):
+        save(self, result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save", stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, stage, work_dir, progress=False).train()
+    monkeypatch.setattr(Trainer, "save", save)
+    last = work_dir / f"stage{stage}" / "last.pth"
+    assert load_training_checkpoint(last)["iteration"] == cfg["evaluation"]["interval"]
+    resumed = Trainer(cfg, stage, work_dir, resume=last, progress=False)
+    resumed.train()
+    return resumed
