@@ -862,7 +862,7 @@ def step_train(ctx, stage):
     state = {}
 
     def step():
-        losses, _ = state["trainer"].step(batch, tc.STEP_T)
+        losses = state["trainer"].step(batch, tc.STEP_T)
         _sync(device)
         return losses
 

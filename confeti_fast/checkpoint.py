@@ -59,3 +59,47 @@ def load_training_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ConfetiError(f"checkpoint {path} is not a confeti_fast training checkpoint (format {FORMAT})")
     return ckpt
+
+
+def _heads(net):
+    return {"segmentor": net.segmentor.state_dict(), "cam_head": net.cam_head.state_dict(),
+            "proj_head": net.proj_head.state_dict()}
+
+
+def training_state(trainer):
+    """Everything a bit-for-bit resume needs (docs/method.md §7), as one dict of tensors and
+    literals. `model` repeats the student segmentor alone, the file test.py reads first."""
+    return {
+        "format": FORMAT, "stage": trainer.stage, "iteration": trainer.t, "config": trainer.cfg,
+        "model": trainer.student.segmentor.state_dict(), "student": _heads(trainer.student),
+        "teacher": _heads(trainer.teacher), "imnet": trainer.imnet.state_dict(),
+        "reg_proj": trainer.reg_proj.state_dict(), "prototypes": trainer.prototypes,
+        "proto_counts": trainer.proto_counts, "optimizer": trainer.optimizer.state_dict(),
+        "best": dict(trainer.best), "rng": {"torch": torch.get_rng_state()},
+        "style": None if trainer.style is None else trainer.style.state_dict(),
+    }
+
+
+def restore_training_state(trainer, path):
+    """Fill `trainer` from a checkpoint written by `training_state`, or a one-line error."""
+    from .models import load_model_weights
+
+    ckpt = load_training_checkpoint(path)
+    if ckpt["stage"] != trainer.stage:
+        raise ConfetiError(f"checkpoint {path} is from stage {ckpt['stage']}, not stage {trainer.stage}")
+    for net, key in ((trainer.student, "student"), (trainer.teacher, "teacher")):
+        for part in ("segmentor", "cam_head", "proj_head"):
+            load_model_weights(getattr(net, part), ckpt[key][part], f"{path} [{key}.{part}]")
+    load_model_weights(trainer.imnet, ckpt["imnet"], f"{path} [imnet]")
+    load_model_weights(trainer.reg_proj, ckpt["reg_proj"], f"{path} [reg_proj]")
+    trainer.prototypes.copy_(ckpt["prototypes"])
+    trainer.proto_counts.copy_(ckpt["proto_counts"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.t = ckpt["iteration"]
+    trainer.best = ckpt["best"]
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if (trainer.style is None) != (ckpt.get("style") is None):
+        raise ConfetiError(f"checkpoint {path} {'lacks' if ckpt.get('style') is None else 'holds'} a style "
+                           f"transfer, unlike this config (cut.enabled, method)")
+    if trainer.style is not None:
+        trainer.style.load_state_dict(ckpt["style"], str(path), with_optimizers=trainer.stage < 2)

@@ -75,6 +75,17 @@ class Context:
             for buffer in module.buffers():
                 dist.broadcast(buffer, 0)
 
+    def after_step(self, t, student, teacher, prototypes, counts, style):
+        """Rank 0's BN statistics to every rank, and with CONFETI_CHECK_RANKS=1 the check that all
+        ranks hold the same student, teacher, prototypes and style transfer after iteration t."""
+        self.broadcast_buffers(student, teacher)
+        if self.check_ranks:
+            self.assert_identical({
+                "student": list(student.state_dict().values()), "teacher": list(teacher.state_dict().values()),
+                "prototypes": [prototypes, counts],
+                "style": [] if style is None else [p for net in style.modules().values() for p in net.parameters()],
+            }, t)
+
     def any(self, flag):
         """True on every rank when `flag` is True on any rank (so all ranks stop together)."""
         if not self.enabled:
@@ -121,5 +132,9 @@ def from_environment(device_type):
 
 
 def shutdown():
+    """Leave the process group once every rank is done: a rank that tears gloo down while
+    rank 0 still writes its last checkpoint aborts ("terminate called without an active
+    exception", seen 1 run in 3 on a 2-core CPU)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -91,3 +91,24 @@ def plot_curves(log_path, out_path):
     _plot(draw, (40, 350, 740, 610), metric, "target mIoU (%)")
     canvas.save(out_path)
     return out_path
+
+
+def save_iteration_pictures(images, work_dir, t, mean, std):
+    """The pictures of one iteration's images (`Iteration.images`): with style transfer the
+    source / stylized / target panel and each stylized image; after ClassMix its debug panel."""
+    work_dir = Path(work_dir)
+    if "x_st" in images:
+        stylized = [denormalize(x, mean, std) for x in images["x_st"]]
+        save_panel([("source", denormalize(images["x_s"][0], mean, std)), ("stylized", stylized[0]),
+                    ("target", denormalize(images["x_t"][0], mean, std))], work_dir / "panels" / f"style_{t:06d}.png")
+        for j, image in enumerate(stylized):
+            save_panel([(f"stylized {t}", image)], work_dir / "stylized" / f"{t:06d}_{j}.png", 1)
+    if "x_m" in images:
+        save_panel([
+            ("source", denormalize(images["x_s"][0], mean, std)),
+            ("target", denormalize(images["x_t"][0], mean, std)),
+            ("mixed", denormalize(images["x_m"][0], mean, std)),
+            ("mixed label", label_picture(images["y_m"][0])),
+            ("pseudo label", label_picture(images["y_t"][0])),
+            ("weights", weight_picture(images["w_m"][0])),
+        ], work_dir / "panels" / f"classmix_{t:06d}.png")

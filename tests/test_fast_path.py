@@ -21,7 +21,7 @@ STEP = 3  # every gate open (tiny_config: mixed CAM after 0, contrast after 1)
 def _losses(cfg, tmp_path, runtime, name):
     cfg = dict(cfg, runtime=runtime)
     trainer = Trainer(cfg, 2, tmp_path / name, device="cpu", progress=False)
-    losses, _ = trainer.step(trainer.steps[STEP], STEP)
+    losses = trainer.step(trainer.steps[STEP], STEP)
     return {k: float(v.detach()) for k, v in losses.items()}, trainer
 
 

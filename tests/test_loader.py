@@ -17,7 +17,7 @@ def tiny_config(tmp_path, rcs=True):
 
 
 def _assert_same(a, b):
-    assert a["step"] == b["step"]
+    assert a["t"] == b["t"]
     for key in ("source_image", "source_label", "target_image"):
         assert torch.equal(a[key], b[key]), key
 
@@ -34,7 +34,7 @@ def test_resume_position_gives_the_same_batches(tmp_path):
     for rcs in (True, False):
         steps = PairedSteps(tiny_config(tmp_path / str(rcs), rcs), stage=1, progress=False)
         straight = list(paired_loader(steps))
-        resumed = list(paired_loader(PairedSteps(steps.cfg, stage=1, progress=False), start_step=4))
+        resumed = list(paired_loader(PairedSteps(steps.cfg, stage=1, progress=False), start=4))
         assert len(straight) == 6 and len(resumed) == 2
         for a, b in zip(straight[4:], resumed):
             _assert_same(a, b)

@@ -4,6 +4,7 @@ import torch
 
 from confeti_fast.checkpoint import load_training_checkpoint
 from confeti_fast.errors import ConfetiError
+from confeti_fast.checkpoint import training_state
 from confeti_fast.trainer import Trainer
 from helpers import assert_states_equal, resume_after_kill, tiny_config
 
@@ -28,7 +29,7 @@ def test_consistency_reaches_g_and_reg_proj_only(stage1):
     style = stage1.style
     x_st = style.to_imagenet(style.G(style.to_cut(x_s)))
     running_mean = stage1.student.segmentor.backbone.stem[1].running_mean.clone()
-    stage1._consistency(x_s, x_st).backward()
+    stage1.iteration.consistency(x_s, x_st).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stage1.reg_proj.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in style.G.parameters())
     assert all(p.grad is None for p in stage1.student.segmentor.backbone.parameters())
@@ -73,7 +74,7 @@ def test_stage1_resume_is_bitwise_exact_with_cut_state(tmp_path, monkeypatch):
     resumed = resume_after_kill(cfg, 1, tmp_path / "halves", monkeypatch)
     ckpt = load_training_checkpoint(tmp_path / "halves" / "stage1" / "best.pth")
     assert set(ckpt["style"]) == {"G", "D", "F", "opt_G", "opt_D"} and ckpt["style"]["opt_D"]["state"]
-    assert_states_equal(straight.state(), resumed.state())
+    assert_states_equal(training_state(straight), training_state(resumed))
     assert (tmp_path / "halves" / "stage1" / "panels" / "style_000004.png").is_file()
     assert (tmp_path / "halves" / "stage1" / "stylized" / "000004_0.png").is_file()
 

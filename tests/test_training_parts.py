@@ -13,7 +13,7 @@ from confeti_fast.data.augment import (blur_kernel_size, class_mix_masks, color_
                                        strong_augment)
 from confeti_fast.losses import cam_loss, downscale_label_ratio, feature_distance, nearest_downsample, seg_ce
 from confeti_fast.optim import build_optimizer, copy_state, ema_alpha, lr_at, set_lr, update_teacher
-from confeti_fast.trainer import pseudo_labels
+from confeti_fast.iteration import pseudo_labels
 
 THINGS = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 

@@ -160,4 +160,3 @@ def patch_nce(q_layers, k_layers, batch_size, tau=0.07):
     return torch.stack(losses).mean()
 
 
-from .sampling import sample_pixels  # noqa: F401,E402  moved; trainer import updated separately

@@ -1,0 +1,72 @@
+"""The losses' way into the log, and the guard that stops a run on a NaN or infinite loss.
+
+Losses are summed on the device each iteration and read back once per `log_interval` (one
+device-to-host copy), averaged over iterations and ranks, checked, and written by rank 0 as
+one JSON object per line in `log.jsonl`. With runtime.check_finite 'step' every loss is also
+checked before its backward (a host sync per term); with 'log' (the CUDA default) the check
+happens when the log reads the values anyway.
+"""
+import json
+import math
+import time
+
+import torch
+
+from .errors import ConfetiError
+
+
+class NonFiniteLoss(ConfetiError):
+    """A loss term became NaN or infinite; training stops before it touches any weight."""
+
+
+class TrainingLog:
+    def __init__(self, path, interval, dist, check_every_step, work_dir):
+        self.path, self.interval, self.dist = path, interval, dist
+        self.check_every_step, self.work_dir = check_every_step, work_dir
+        self._reset()
+
+    def _reset(self):
+        self.sums, self.counts, self.started, self.done = {}, {}, time.perf_counter(), 0
+
+    def check_finite(self, losses, t):
+        """Stop before the update on a NaN/inf loss (on every rank, when any rank sees one)."""
+        if not self.check_every_step:
+            return
+        bad = [(name, float(value.detach())) for name, value in losses.items() if not torch.isfinite(value)]
+        if self.dist.any(bool(bad)):
+            what = f"loss '{bad[0][0]}' is {bad[0][1]}" if bad else "a loss is not finite on another rank"
+            raise NonFiniteLoss(f"{what} at iteration {t}; training stopped before the update, the last "
+                                f"checkpoint in {self.work_dir} is intact")
+
+    def add(self, losses):
+        for name, value in losses.items():  # summed on the device: read back once per log
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self.done += 1
+
+    def due(self, t, max_iters):
+        """Whether the log is written after iteration t - 1 (t iterations done)."""
+        return t % self.interval == 0 or t == max_iters
+
+    def flush(self, t, lr):
+        """Write the means since the last flush (iterations t - done .. t - 1); returns them."""
+        first = t - self.done
+        values = torch.stack([torch.as_tensor(v).reshape(()) for v in self.sums.values()]).tolist()
+        values = self.dist.sum_values(values)  # the mean over ranks too
+        means = {name: value / (self.counts[name] * self.dist.world_size) for name, value in zip(self.sums, values)}
+        for name, value in means.items():
+            if not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"loss '{name}' became {value} between iterations {first} and {t - 1}; training stopped, "
+                    f"the last checkpoint in {self.work_dir} is intact (set runtime.check_finite 'step' to stop "
+                    f"before the first bad update)")
+        record = {"iter": t, "lr": lr, "it_per_s": self.done / (time.perf_counter() - self.started)}
+        record.update({k if k == "q" else f"loss/{k}": v for k, v in means.items()})
+        self.write(record)
+        self._reset()
+        return means
+
+    def write(self, record):
+        if self.dist.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
