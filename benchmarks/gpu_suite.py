@@ -348,7 +348,8 @@ def summary_text(records, status):
     graphs = {(r.get("op"), r.get("impl")): r for r in records if r.get("step") == "graphs" and r.get("status") == "ok"}
     if ops:
         lines += ["", "ops (median wall ms; replay = CUDA-graph replay, ~kernel time):",
-                  f"  {'op':13s} {'reference':>10s} {'compiled':>10s} {'fused':>10s} {'x eager':>8s} {'x compiled':>10s}"
+                  f"  {'op':13s} {'reference':>10s} {'compiled':>10s} {'fused':>10s} {'x eager':>8s} "
+                  f"{'x compiled':>10s}"
                   f" {'launches':>8s} {'replay':>8s} {'peak MB':>8s}"]
         for op, impls in ops.items():
             ref, comp, fused = (impls.get(k, {}).get("median_ms") for k in ("reference", "compiled", "fused"))
@@ -535,7 +536,8 @@ def step_extension(ctx):
     t0 = time.time()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], stdout=f, stderr=subprocess.STDOUT,
+            rc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], stdout=f,
+                                stderr=subprocess.STDOUT,
                                 env=env, cwd=ROOT, timeout=max(10, ctx.remaining() - 10)).returncode
         except subprocess.TimeoutExpired:
             rc = 124
@@ -567,7 +569,8 @@ def step_tests(ctx):
                     counts[key] += 1
                     if kind != "skipped":
                         message = (node.get("message") or "").splitlines()
-                        failing.append(f"{case.get('classname')}::{case.get('name')}: {message[0][:200] if message else ''}")
+                        reason = message[0][:200] if message else ""
+                        failing.append(f"{case.get('classname')}::{case.get('name')}: {reason}")
     except (OSError, ET.ParseError) as exc:
         failing.append(f"no junit XML: {last_line(exc)}")
     passed = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
@@ -706,7 +709,8 @@ def step_graphs(ctx):
             result = {"wall_ms": round(statistics.median(wall), 4), "rounds": timed}
             if ctx.dry:
                 replay = wall  # no CUDA graphs on the CPU: the eager call stands in for the replay
-                result["substituted"] = (note + "; " if note else "") + "no CUDA graph: the eager call timed as the replay"
+                result["substituted"] = ((note + "; " if note else "")
+                                         + "no CUDA graph: the eager call timed as the replay")
             else:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
@@ -884,7 +888,8 @@ def step_train(ctx, stage):
         evaluation = trainer.evaluate()
         _sync(device)
         result["eval_s"] = round(time.time() - t0, 1)
-        result["eval"] = {k: evaluation[k] for k in ("mIoU", "num_images", "mode") if k in evaluation} or "none (stage 0)"
+        result["eval"] = ({k: evaluation[k] for k in ("mIoU", "num_images", "mode") if k in evaluation}
+                          or "none (stage 0)")
         s2 = dynamo_snapshot()
         result["dynamo_eval"] = dynamo_delta(s1, s2)
         t0 = time.time()

@@ -64,7 +64,8 @@ def _measure(benchmark, op, device, impl, rounds=None):
     medians = MEDIANS.setdefault((op, device), {})
     medians[impl] = median
     info = {"op": op, "impl": impl, "device": device, "shape": case.shape,
-            "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+            "device_name": (torch.cuda.get_device_name() if device == "cuda"
+                            else platform.processor() or platform.machine()),
             "torch": torch.__version__, "peak_extra_mb": round(cases.peak_extra_mb(case, fn), 3)}
     for base in ("reference", "compiled"):
         if base in medians and impl != base:

@@ -2,7 +2,7 @@
 
 Run: `python -m pytest benchmarks/test_train_step.py --benchmark-only [--benchmark-json=out.json]`.
 
-One step is `Trainer.step` (SPEC 3, every gate open: contrast, mixed CAM, prototype update,
+One step is `Trainer.step` (docs/method.md §3, every gate open: contrast, mixed CAM, prototype update,
 and in stage 1 the CUT D and G/F steps) on a fixed synthetic batch, host-to-device copy
 included, data loading excluded. Variants:
 

@@ -1,4 +1,4 @@
-"""The segmentation-side losses of SPEC 3 (the contrast and PatchNCE live in `ops`)."""
+"""The segmentation-side losses of docs/method.md §3 (the contrast and PatchNCE live in `ops`)."""
 import torch
 import torch.nn.functional as F
 

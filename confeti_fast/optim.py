@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedule and the EMA teacher update (SPEC 3 steps 1 and 10)."""
+"""Optimizer, learning-rate schedule and the EMA teacher update (docs/method.md §3 steps 1 and 10)."""
 import torch
 
 

@@ -1,4 +1,4 @@
-"""The style-transfer module: CUT's G, D and F with their optimizers and losses (SPEC 2, 3, 6).
+"""The style-transfer module: CUT's G, D and F with their optimizers and losses (docs/method.md §2, 3, 6).
 
 Images cross between the segmentor's ImageNet normalization and CUT's [-1, 1] range through
 `imagenet_to_cut` / `cut_to_imagenet` only, so the conversion is exact and in one place.

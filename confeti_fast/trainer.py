@@ -67,7 +67,8 @@ class Trainer:
             if net is not None:
                 runtime.prepare_module(net, self.runtime, compiled=net.segmentor.backbone)
         runtime.prepare_module(self.imnet, self.runtime, compiled=self.imnet.backbone)
-        self.steps = PairedSteps(cfg, stage, self.dist.rank, self.dist.world_size, progress=progress and self.dist.is_main)
+        self.steps = PairedSteps(cfg, stage, self.dist.rank, self.dist.world_size,
+                                 progress=progress and self.dist.is_main)
         self.val_set = build_dataset(cfg["target"], "val")
         self.log = TrainingLog(self.work_dir / "log.jsonl", tcfg["log_interval"], self.dist,
                                self.runtime["check_finite"] == "step", self.work_dir)
@@ -101,7 +102,8 @@ class Trainer:
                     f"`python train.py --stage 1` with the same --work-dir first, or pass --cut-checkpoint PATH")
         if source is not None:
             load_style(style, source, with_optimizers=False)
-            print(f"style transfer: G/D/F from {source}", flush=True)
+            if self.dist.is_main:
+                print(f"style transfer: G/D/F from {source}", flush=True)
         if self.stage == 2:
             style.freeze()
         for net in (style.G, style.D):

@@ -1,4 +1,4 @@
-// The prototype EMA update (SPEC 4), the parts shared by the CPU and the CUDA kernels.
+// The prototype EMA update (docs/method.md §4), the parts shared by the CPU and the CUDA kernels.
 //
 // Plain C++ (no torch): compiled by g++ into the CPU op and by nvcc into the CUDA kernels, so
 // the CPU tests run the very arithmetic the GPU runs. Block-level phases are written as

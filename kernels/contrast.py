@@ -1,4 +1,4 @@
-"""Fused pixel-to-prototype contrast (SPEC 5) in Triton; `confeti_fast.ops.reference` is the contract.
+"""Fused pixel-to-prototype contrast (docs/method.md §5) in Triton; `confeti_fast.ops.reference` is the contract.
 
     loss_ce, loss_reg = pixel_proto_contrast(feats, labels, prototypes, sample_idx=idx)
 

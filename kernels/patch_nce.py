@@ -1,4 +1,4 @@
-"""Fused PatchNCE (SPEC 6) in Triton; `confeti_fast.ops.reference.patch_nce` is the contract.
+"""Fused PatchNCE (docs/method.md §6) in Triton; `confeti_fast.ops.reference.patch_nce` is the contract.
 
     loss = patch_nce(q_layers, k_layers, batch_size, tau=0.07)
 

@@ -1,4 +1,4 @@
-"""The fused prototype EMA update (SPEC 4): loader and wrappers of the compiled op.
+"""The fused prototype EMA update (docs/method.md §4): loader and wrappers of the compiled op.
 
 The ops live in `confeti_fast._C` (schemas + CPU kernels) and `confeti_fast._C_cuda` (CUDA
 kernels, built when CUDA is). Importing this module never raises: when the extension is
@@ -115,7 +115,7 @@ def proto_ema_update(prototypes, counts, feats, cam, labels, valid=None, momentu
 
 
 def proto_class_stats(feats, cam, labels, valid=None, num_classes=None, top_k=32):
-    """This rank's per-class statistics of the update's selection (SPEC 4).
+    """This rank's per-class statistics of the update's selection (docs/method.md §4).
 
     Returns weighted_sum (K, D) float32 = sum of w * v over the kept pixels (v the bilinear
     feature there), weight_sum (K,) float32 = sum of the kept w, kept (K,) int64 = how many
@@ -130,7 +130,7 @@ def proto_class_stats(feats, cam, labels, valid=None, num_classes=None, top_k=32
 
 
 def proto_ema_apply(prototypes, counts, weighted_sum, weight_sum, kept, momentum=0.999):
-    """The EMA of SPEC 4 from (reduced) class statistics, in place; returns (prototypes, counts)."""
+    """The EMA of docs/method.md §4 from (reduced) class statistics, in place; returns (prototypes, counts)."""
     _require()
     with torch.no_grad():
         torch.ops.confeti_fast.proto_ema_apply_(prototypes, counts, weighted_sum, weight_sum, kept, float(momentum))

@@ -3,7 +3,7 @@
 * the Triton kernel tests' devices, dtype tolerances and fp32-matmul fixture (the reasoning
   behind each tolerance is in tests/test_op_contrast.py's docstring);
 * plain-Python vector arithmetic for the hand-computed op checks;
-* the SPEC 1 label tables, typed in;
+* the docs/method.md §1 label tables, typed in;
 * small datasets written in the real GTA5 / Cityscapes / SYNTHIA layouts;
 * a tiny training config on such data, and resume helpers.
 """
@@ -50,9 +50,9 @@ def py_normalize(v):
     return [x / n for x in v] if n > 0 else [0.0 for _ in v]
 
 
-# ---------------------------------------------------------------- SPEC 1 label tables
+# ---------------------------------------------------------------- docs/method.md §1 label tables
 
-# SPEC 1, typed in from the table: labelId -> trainId and SYNTHIA id -> trainId.
+# docs/method.md §1, typed in from the table: labelId -> trainId and SYNTHIA id -> trainId.
 CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
               25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13,
@@ -87,7 +87,8 @@ def make_cityscapes(root, split, cities=("aachen", "bonn"), per_city=2, h=6, w=8
         (root / "gtFine" / split / city).mkdir(parents=True)
         for k in range(per_city):
             stem = f"{city}_{k:06d}_000019"
-            Image.fromarray(_rgb(h, w, 100 * c + k)).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+            image_path = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+            Image.fromarray(_rgb(h, w, 100 * c + k)).save(image_path)
             label = np.random.default_rng(c * 10 + k).choice([1, 7, 11, 23, 24, 31, 255], (h, w)).astype(np.uint8)
             write_png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", label)
             ids[stem] = label

@@ -40,7 +40,8 @@ def test_empty_split(tmp_path):
 def test_image_without_label(tmp_path):
     make_gta5(tmp_path)
     (tmp_path / "labels" / "00001.png").unlink()
-    _one_line_error(lambda: datasets.gta5(tmp_path), tmp_path / "images" / "00001.png", tmp_path / "labels" / "00001.png")
+    _one_line_error(lambda: datasets.gta5(tmp_path), tmp_path / "images" / "00001.png",
+                    tmp_path / "labels" / "00001.png")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a png at all", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00"])

@@ -1,4 +1,4 @@
-"""CUT networks (SPEC 2): layout and keys as in the original CUT code, blur filters, sampler,
+"""CUT networks (docs/method.md §2): layout and keys as in the original CUT code, blur filters, sampler,
 [-1, 1] <-> ImageNet conversion, init, LSGAN. Expected values are derived by hand below."""
 import math
 
@@ -79,7 +79,7 @@ def test_generator_output_shape_and_range(gen):
 
 
 def _reference_generator(x, sd):
-    """SPEC 2's generator written out with functional ops and test-made blur kernels."""
+    """docs/method.md §2's generator written out with functional ops and test-made blur kernels."""
     def conv(h, k, pad=0):
         return F.conv2d(h, sd[f"model.{k}.weight"], sd[f"model.{k}.bias"], padding=pad)
 

@@ -196,7 +196,7 @@ def test_domain_gap(small):
         assert gap > 25, (train_id, gap)
 
     # a colour-only classifier (nearest source class mean) fails on the target
-    means = np.array([_class_mean(source, c) if any((l == c).any() for _, l in source) else [1e9] * 3
+    means = np.array([_class_mean(source, c) if any((label == c).any() for _, label in source) else [1e9] * 3
                       for c in range(19)])
 
     def colour_accuracy(images):

@@ -1,4 +1,4 @@
-"""Metrics, inference and the evaluation loop of confeti_fast.evaluation (SPEC 7)."""
+"""Metrics, inference and the evaluation loop of confeti_fast.evaluation (docs/method.md §7)."""
 import math
 
 import numpy as np

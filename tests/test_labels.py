@@ -1,7 +1,7 @@
 import numpy as np
 
 from confeti_fast.data import labels
-from helpers import CITYSCAPES, SYNTHIA  # SPEC 1, typed in from the table
+from helpers import CITYSCAPES, SYNTHIA  # docs/method.md §1, typed in from the table
 
 
 def test_cityscapes_and_gta5_table_for_every_id():

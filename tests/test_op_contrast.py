@@ -1,4 +1,4 @@
-"""pixel_proto_contrast (SPEC 5): the reference by hand, and the CPU fast path and the fused
+"""pixel_proto_contrast (docs/method.md §5): the reference by hand, and the CPU fast path and the fused
 Triton op against the reference (the contract): losses and gradients. (The switch that picks
 among them: test_ops_switch.py; the sampler: test_sampling.py.)
 
@@ -581,7 +581,8 @@ def _sm90_ptxas_info(B=2, D=512, H=81, W=81, K=19, N=4096, channels_last=True, d
         kw = dict(kw)
         num_warps = kw.pop("num_warps")
         sig, consts, attrs = {}, {}, {}
-        for i, (name, value) in enumerate(zip(kernel.arg_names, list(args) + [kw[n] for n in kernel.arg_names[len(args):]])):
+        values = list(args) + [kw[n] for n in kernel.arg_names[len(args):]]
+        for i, (name, value) in enumerate(zip(kernel.arg_names, values)):
             if name in kw or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
                 sig[name], consts[(i,)] = "constexpr", value
             elif isinstance(value, torch.Tensor):

@@ -1,4 +1,4 @@
-"""patch_nce (SPEC 6): the reference against the CUT code and by hand, and the fused Triton
+"""patch_nce (docs/method.md §6): the reference against the CUT code and by hand, and the fused Triton
 op against the reference (the contract): loss and q gradients. (On the CPU "fused" is the
 reference itself; the switch: test_ops_switch.py.)
 

@@ -1,4 +1,4 @@
-"""proto_ema_update (SPEC 4): the reference by hand, and the compiled op
+"""proto_ema_update (docs/method.md §4): the reference by hand, and the compiled op
 (`confeti_fast.kernels.proto_update`, csrc/) against the reference; its schemas checked with
 torch.library.opcheck. (The switch and its warning fallback: test_ops_switch.py.)
 

@@ -1,5 +1,5 @@
 """Each reader on files written in the real layouts, with labels whose expected trainIds come
-from the SPEC table typed into helpers.py."""
+from the label table of docs/method.md §1, typed into helpers.py."""
 import numpy as np
 import pytest
 

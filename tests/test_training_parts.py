@@ -1,5 +1,5 @@
 """Hand-computed checks of the training pieces: losses, pseudo labels, ClassMix and the
-augmentation, the optimizer schedule and the EMA teacher (SPEC 3).
+augmentation, the optimizer schedule and the EMA teacher (docs/method.md §3).
 
 Expected values are typed-in numbers or plain `math`, never a second call of the code under test.
 """
@@ -346,7 +346,8 @@ def test_update_teacher_is_bitwise_the_per_parameter_loop(t):
 def test_copy_state_is_bitwise_the_per_tensor_copy():
     destination, source = _resnet_pair()
     copy_state(destination, source)
-    pairs = list(zip(destination.parameters(), source.parameters())) + list(zip(destination.buffers(), source.buffers()))
+    pairs = (list(zip(destination.parameters(), source.parameters()))
+             + list(zip(destination.buffers(), source.buffers())))
     assert len(pairs) > 100 and all(torch.equal(d, s) and d.data_ptr() != s.data_ptr() for d, s in pairs)
 
 

@@ -1,4 +1,4 @@
-"""ClassMix and the strong augmentation of the mixed image (SPEC 3 step 4, as in DACS).
+"""ClassMix and the strong augmentation of the mixed image (docs/method.md §3 step 4, as in DACS).
 
 All randomness comes from an explicit `torch.Generator`, so a training step is a pure
 function of its seed (exact resume needs no hidden RNG state).

@@ -1,4 +1,4 @@
-"""Readers for the GTA5, Cityscapes and SYNTHIA layouts (SPEC 1).
+"""Readers for the GTA5, Cityscapes and SYNTHIA layouts (docs/method.md §1).
 
 A dataset is a list of (image, label) file pairs plus the id table of its kind; `load(i)`
 returns the RGB image and its trainId label, checking that their sizes match.

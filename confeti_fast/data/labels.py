@@ -1,4 +1,4 @@
-"""The 19-class Cityscapes label space and the id tables of the three datasets (SPEC 1)."""
+"""The 19-class Cityscapes label space and the id tables of the three datasets (docs/method.md §1)."""
 import numpy as np
 
 IGNORE_INDEX = 255
@@ -19,7 +19,7 @@ SYNTHIA_IDS = (3, 4, 2, 21, 5, 7, 15, 9, 6, None, 1, 10, 17, 8, None, 19, None, 
 SYNTHIA_16_CLASSES = tuple(i for i, s in enumerate(SYNTHIA_IDS) if s is not None)
 SYNTHIA_13_CLASSES = tuple(i for i in SYNTHIA_16_CLASSES if i not in (3, 4, 5))
 
-# Things (SPEC 3 step 6, feature distance): traffic light, sign, person .. bicycle.
+# Things (docs/method.md §3 step 6, feature distance): traffic light, sign, person .. bicycle.
 THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 
 # Cityscapes colour palette, by trainId.

@@ -59,7 +59,8 @@ class PairedSteps(torch.utils.data.Dataset):
         rng = self._rng(_SOURCE, t, slot)
         cat_max_ratio = self.cfg["pipeline"]["cat_max_ratio"]
         if self.rcs is None:
-            index = self._epoch_order(_SOURCE, len(self.source), self._global_slot(t, slot, self.cfg["batch"]["source"]))
+            slot_id = self._global_slot(t, slot, self.cfg["batch"]["source"])
+            index = self._epoch_order(_SOURCE, len(self.source), slot_id)
             return self._transform(*self.source.load(index), rng, "source", cat_max_ratio)
         rare_class, index = self.rcs.draw(self._rng(_RCS, t, slot))
         image, label = self.source.load(index)

@@ -1,4 +1,4 @@
-"""Rare Class Sampling (SPEC 1, as in DAFormer).
+"""Rare Class Sampling (docs/method.md §1, as in DAFormer).
 
 Per-image class pixel counts over the source set are computed once, with a progress bar,
 and cached as JSON beside the data (or in ~/.cache/confeti_fast when that folder is
@@ -27,7 +27,8 @@ def _fingerprint(dataset):
 
 
 def _cache_paths(dataset):
-    fallback = Path.home() / ".cache" / "confeti_fast" / f"rcs-{hashlib.sha1(str(dataset.root.resolve()).encode()).hexdigest()[:16]}.json"
+    digest = hashlib.sha1(str(dataset.root.resolve()).encode()).hexdigest()[:16]
+    fallback = Path.home() / ".cache" / "confeti_fast" / f"rcs-{digest}.json"
     return [dataset.root / CACHE_NAME, fallback]
 
 

@@ -1,4 +1,4 @@
-"""The training pipeline of SPEC 1: resize, crop (cat_max_ratio rule), flip, normalize.
+"""The training pipeline of docs/method.md §1: resize, crop (cat_max_ratio rule), flip, normalize.
 
 Resizing follows mmcv/mmseg, which the authors used: OpenCV bilinear for images, nearest
 for labels, and `img_scale` as a keep-ratio bound (the image is scaled by the largest

@@ -1,4 +1,4 @@
-"""The CUT style-transfer networks (SPEC 2): generator G, PatchGAN discriminator D, patch sampler F.
+"""The CUT style-transfer networks (docs/method.md §2): generator G, PatchGAN discriminator D, patch sampler F.
 
 Module layout and state-dict keys are those of the original CUT code
 (taesungp/contrastive-unpaired-translation, models/networks.py, with CONFETI's options

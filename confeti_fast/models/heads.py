@@ -1,4 +1,4 @@
-"""The auxiliary heads on layer-4 features (SPEC 2) and the network that bundles them."""
+"""The auxiliary heads on layer-4 features (docs/method.md §2) and the network that bundles them."""
 import torch.nn as nn
 
 from .deeplabv2 import build_segmentor

@@ -1,4 +1,4 @@
-"""Pixel-to-prototype contrast (SPEC 5): its switch and its CPU fast path.
+"""Pixel-to-prototype contrast (docs/method.md §5): its switch and its CPU fast path.
 
 fused: `confeti_fast.kernels.contrast` (Triton) on CUDA, `pixel_proto_contrast_cpu` below on
 other devices; reference: `reference.pixel_proto_contrast`.

@@ -1,4 +1,4 @@
-"""PatchNCE (SPEC 6): its switch.
+"""PatchNCE (docs/method.md §6): its switch.
 
 fused: `confeti_fast.kernels.patch_nce` (Triton) on CUDA, the reference on other devices (one
 batched matmul per layer is already the cheapest CPU path: stacking the layers into one matmul

@@ -1,4 +1,4 @@
-"""The prototype EMA update (SPEC 4): its switch.
+"""The prototype EMA update (docs/method.md §4): its switch.
 
 fused: the compiled extension's op through `confeti_fast.kernels.proto_update` (csrc/: C++ on
 the CPU, CUDA on CUDA); reference: `reference.proto_ema_update`. The class statistics and the

@@ -1,4 +1,4 @@
-"""The reference ops: plain PyTorch, written to read like SPEC sections 4, 5 and 6.
+"""The reference ops: plain PyTorch, written to read like docs/method.md §4, §5 and §6.
 
 These are the contract the fused kernels are tested against; they favour clarity over speed
 (the prototype update materializes the upsampled feature map, as the authors' code did).
@@ -20,7 +20,7 @@ def _flatten_pixels(maps):
 
 def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, sample_idx=None,
                          ce_weight=0.5, reg_weight=2.0):
-    """Pixel-to-prototype contrast and its regulariser (SPEC 5).
+    """Pixel-to-prototype contrast and its regulariser (docs/method.md §5).
 
     feats: (B, D, h, w) raw projection; labels: (B, h, w) int64 at feature resolution, 255
     ignored; prototypes: (K, D), detached here. `sample_idx` are flat indices into B*h*w, used
@@ -47,7 +47,7 @@ def pixel_proto_contrast(feats, labels, prototypes, tau=0.1, num_samples=4096, s
 
 
 def _selection_inputs(cam, labels, valid):
-    """(weights (B*H*W, K) or None, flat labels, keep mask) as SPEC 4 defines them."""
+    """(weights (B*H*W, K) or None, flat labels, keep mask) as docs/method.md §4 defines them."""
     size = labels.shape[-2:]
     weights = None
     if cam is not None:
@@ -60,7 +60,7 @@ def _selection_inputs(cam, labels, valid):
 
 
 def select_top_k(weights, flat_labels, keep, top_k):
-    """The per-class selection of SPEC 4.
+    """The per-class selection of docs/method.md §4.
 
     For every class present among the kept pixels, in increasing order: (c, chosen, w, n) with
     `chosen` the flat indices (b, y, x) of the `top_k` largest weights, best first (ties to the
@@ -87,7 +87,7 @@ def proto_selection(cam, labels, valid=None, top_k=32):
 
 @torch.no_grad()
 def proto_class_stats(feats, cam, labels, valid=None, num_classes=None, top_k=32):
-    """Per-class statistics of SPEC 4's selection on this rank's batch.
+    """Per-class statistics of docs/method.md §4's selection on this rank's batch.
 
     Returns weighted_sum (K, D) float32 = sum of w * v over the kept pixels (v the feature
     upsampled there), weight_sum (K,) float32 = sum of the kept w, kept (K,) int64 = how many
@@ -111,7 +111,7 @@ def proto_class_stats(feats, cam, labels, valid=None, num_classes=None, top_k=32
 
 @torch.no_grad()
 def proto_ema_apply(prototypes, counts, weighted_sum, weight_sum, kept, momentum=0.999):
-    """The EMA of SPEC 4 from (possibly cross-rank summed) class statistics, in place."""
+    """The EMA of docs/method.md §4 from (possibly cross-rank summed) class statistics, in place."""
     for c in (kept > 0).nonzero().squeeze(1).tolist():  # increasing class order
         n = int(counts[c])
         alpha = 1.0 if n == 0 else min(1.0 - 1.0 / (n + 1), 1.0 - momentum)
@@ -127,7 +127,7 @@ def proto_ema_apply(prototypes, counts, weighted_sum, weight_sum, kept, momentum
 @torch.no_grad()
 def proto_ema_update(prototypes, counts, feats, cam, labels, valid=None, momentum=0.999, top_k=32,
                      reduce=None):
-    """EMA update of the prototype table (SPEC 4), in place on `prototypes` (K, D) and `counts` (K,).
+    """EMA update of the prototype table (docs/method.md §4), in place on `prototypes` (K, D) and `counts` (K,).
 
     feats: (B, D, h, w) teacher projection; cam: (B, K, h, w) or None (weights 1); labels:
     (B, H, W); valid: optional (B, H, W) bool. Features and CAM are upsampled bilinearly with
@@ -145,7 +145,7 @@ def proto_ema_update(prototypes, counts, feats, cam, labels, valid=None, momentu
 
 
 def patch_nce(q_layers, k_layers, batch_size, tau=0.07):
-    """PatchNCE (SPEC 6) averaged over layers.
+    """PatchNCE (docs/method.md §6) averaged over layers.
 
     Each layer gives q and k as (B*P, C), rows grouped by image. Per image, logits q k^T / tau
     (P x P) with the diagonal as the target, negatives only from the same image; k is detached.
