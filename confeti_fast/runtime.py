@@ -2,25 +2,9 @@
 implementation, finiteness checks and logging cadence.
 
 Every choice is "auto" unless the config's `runtime` section or the CLI sets it; `resolve`
-turns "auto" into the device's default, and the trainer writes the resolved values into the
-run's config.py:
-
-    choice            CPU default   CUDA default      why
-    amp               fp32          bf16              this CPU has no bf16 units (10x slower)
-    channels_last     False         True              cuDNN's fast convolution layout
-    compile           None          reduce-overhead   at batch 2 the step is launch-bound: CUDA
-                                                      graphs remove the launches (2.8x on an H200)
-    fused_optimizer   False         True              one kernel per AdamW/Adam step
-    check_finite      step          log               a per-step check reads every loss back
-                                                      (a host sync); on CUDA it happens when the
-                                                      log reads the values anyway
-    sync_bn           False         False             multi-GPU: SyncBatchNorm in the student
-                                                      (CUDA only); off, ranks take rank 0's BN
-                                                      statistics after each step
-    deterministic     False         False             True: cuDNN's deterministic algorithms and
-                                                      no cudnn.benchmark autotuning (other CUDA
-                                                      ops, e.g. upsampling backward, still use
-                                                      atomics); False: cudnn.benchmark on CUDA
+turns "auto" into the device's default (`DEFAULTS`), and the trainer writes the resolved
+values into the run's config.py. What each choice does and why its defaults are what they are:
+the table in docs/training.md, "Runtime choices".
 
 Compiled modules: each gets its own dynamo code cache (`compile_module`), is compiled with
 `dynamic=False` (the crops have fixed shapes), and a module that would exceed dynamo's

@@ -11,19 +11,7 @@ UDA module) hold {'meta', 'state_dict', 'optimizer'}; `convert_mmseg_checkpoint`
 CUT `BaseModel` (an ABC, not an nn.Module; cut/models/base_model.py), so G is saved apart
 (`cut_checkpoints/<exp>_netG_<iter>.pth`, dacs.py) and loads with `load_cut_state_dict`.
 
-| authors' key (mmseg DACS `state_dict`)                   | ours                                           | src |
-|----------------------------------------------------------|------------------------------------------------|-----|
-| `model.backbone.<k>`                                     | `model` and `student.segmentor`: `backbone.<k>` | 1, 2 |
-| `model.decode_head.aspp_modules.<n>.conv.{weight,bias}`  | same: `decode_head.aspp_modules.<n>.{weight,bias}` | 3 |
-| `ema_model.<same as model.>`                             | `teacher.segmentor` (same renaming)             | 4 |
-| `imnet_model.<same as model.>`                           | `imnet` (same renaming)                         | 4 |
-| `aux_heads.0.conv_cam.weight`                            | `student.cam_head`: `conv.weight`               | 4, 5, 6 |
-| `aux_heads.1.conv_proj.weight`                           | `student.proj_head`: `weight`                   | 4, 5, 7 |
-| `ema_aux_heads.0.conv_cam.weight`                        | `teacher.cam_head`: `conv.weight`               | 4, 6 |
-| `ema_aux_heads.1.conv_proj.weight`                       | `teacher.proj_head`: `weight`                   | 4, 7 |
-| `reg_proj.{weight,bias}`                                 | `reg_proj`: `{weight,bias}`                     | 4 |
-| `tgt_proto.proto`                                        | `prototypes` (K x 512 tensor)                   | 4, 8 |
-| `meta.iter` (beside `state_dict`)                        | `iteration`                                     | mmcv |
+The key mapping is tabled in docs/checkpoints.md; its "src" column cites these sources.
 
 Sources (public repos):
 1. lhoyer/DAFormer mmseg/models/uda/uda_decorator.py: `self.model = build_segmentor(...)`.

@@ -5,12 +5,8 @@
     with ops.kernels("reference"): ...     # force the reference for a block
 
 The choice comes from `set_kernels` / the `kernels` context manager, else the environment
-variable CONFETI_KERNELS, else "fused". What "fused" runs depends on the tensors' device:
-
-    op                      CUDA                         CPU
-    pixel_proto_contrast    Triton kernel                contrast.pixel_proto_contrast_cpu
-    patch_nce               Triton kernel                reference (already the cheapest)
-    proto_ema_update        CUDA extension op            C++ extension op
+variable CONFETI_KERNELS, else "fused". What "fused" runs depends on the tensors' device (the
+table is in docs/kernels.md, "The switch").
 
 Each op's dispatch is in its own module (ops/contrast.py, ops/patch_nce.py,
 ops/proto_update.py); the implementations stay where they are: the reference in
