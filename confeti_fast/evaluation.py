@@ -1,4 +1,4 @@
-"""Evaluation on the target's val split (SPEC 7): confusion matrix, IoU table, inference.
+"""Evaluation on the target's val split (docs/method.md §7): confusion matrix, IoU table, inference.
 
 One confusion matrix is summed over the whole split (rows = ground truth, columns =
 prediction, ignore label 255 skipped); IoU per class is TP / (TP + FP + FN) with NaN where a
@@ -7,11 +7,14 @@ what the official `cityscapesscripts` evaluator computes on labelIds (see
 `tests/test_cityscapes_agreement.py`).
 
 Inference follows mmseg's `EncoderDecoder`, which the authors used: the image is resized to
-the evaluation scale (keep ratio), the logits are upsampled bilinearly (align_corners False)
-to the network input size, then to the label's full resolution. Sliding-window inference
-averages the window logits over the pixels that several windows cover.
+the evaluation scale (keep ratio; `evaluation.scale` None keeps the full resolution, the
+authors' protocol), the logits are upsampled bilinearly (align_corners False) to the network
+input size, then to the label's full resolution. Sliding-window inference averages the
+window logits over the pixels that several windows cover. `predict_logits` is that one
+path, from an RGB image to logits at its own size: `evaluate` and `predict.py` both use it.
 
-`summary` returns fractions in [0, 1]; `format_table` prints percentages.
+`summary` returns fractions in [0, 1]; `format_table` prints percentages, under the line
+`describe_protocol` gives when the result carries one.
 """
 import contextlib
 import math
@@ -141,14 +144,32 @@ def _pct(value):
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
+def describe_protocol(cfg, mode=None, weights=None):
+    """The evaluation protocol in words, e.g. 'whole image at full resolution, student,
+    mIoU over 19 classes': mode, scale, the evaluated weights (when given) and the classes."""
+    ev = cfg["evaluation"]
+    mode = mode or ev.get("mode", "whole")
+    scale = ev.get("scale")
+    at = "full resolution" if scale is None else f"{int(scale[0])}x{int(scale[1])} (keep ratio)"
+    if mode == "slide":
+        (ch, cw), (sh, sw) = ev["slide_crop"], ev["slide_stride"]
+        how = f"sliding {ch}x{cw} windows (stride {sh}x{sw}) at {at}"
+    else:
+        how = f"whole image at {at}"
+    sets = eval_class_sets(cfg["eval_classes"], int(cfg["num_classes"]))
+    classes = ", ".join(f"{name} over {len(members)} classes" for name, members in sets.items())
+    return ", ".join([how] + ([weights] if weights else []) + [classes])
+
+
 def format_table(result):
     """A text table: class, IoU %, Acc % (classes not evaluated: '-'; undefined: 'n/a'),
-    then the mean(s) and aAcc."""
+    then the mean(s) and aAcc; first the protocol line when `result` has 'protocol'."""
     names = result["class_names"]
     evaluated = set(result["classes"])
     width = max(12, max(len(n) for n in names))
     rule = "-" * (width + 18)
-    lines = [f"{'class':<{width}} {'IoU':>8} {'Acc':>8}", rule]
+    lines = [f"protocol: {result['protocol']}"] if result.get("protocol") else []
+    lines += [f"{'class':<{width}} {'IoU':>8} {'Acc':>8}", rule]
     for i, name in enumerate(names):
         if i in evaluated:
             lines.append(f"{name:<{width}} {_pct(result['IoU'][i]):>8} {_pct(result['Acc'][i]):>8}")
@@ -249,6 +270,37 @@ def infer_slide(model, image, crop_size, stride, num_classes, out_size, autocast
         return _upsample(logits / count, out_size)
 
 
+def predict_logits(model, image, cfg, device="cpu", mode=None, out_size=None, autocast_dtype=None):
+    """Logits (1, K, H, W) float32 of `model` for one (H, W, 3) uint8 RGB image of any size,
+    by the config's protocol: normalized with `pipeline.mean/std`, resized to fit
+    `evaluation.scale` (None: kept at full resolution), whole-image or sliding-window inference
+    (`mode`, default `evaluation.mode`), logits upsampled to `out_size` (default the image's)."""
+    from .data.transforms import normalize, resize
+
+    ev = cfg["evaluation"]
+    mode = mode or ev.get("mode", "whole")
+    if mode not in EVAL_MODES:
+        raise ConfetiError(f"evaluation mode must be one of {EVAL_MODES}, got {mode!r}")
+    num_classes = int(cfg["num_classes"])
+    out_size = tuple(out_size) if out_size is not None else tuple(image.shape[:2])
+    if ev.get("scale") is not None:
+        image, _ = resize(image, None, ev["scale"])
+    tensor = normalize(image, cfg["pipeline"]["mean"], cfg["pipeline"]["std"]).unsqueeze(0).to(device)
+    if mode == "whole":
+        logits = infer_whole(model, tensor, out_size, autocast_dtype)
+    else:
+        logits = infer_slide(model, tensor, ev["slide_crop"], ev["slide_stride"], num_classes, out_size,
+                             autocast_dtype)
+    if logits.shape[1] != num_classes:
+        raise ConfetiError(f"model gives {logits.shape[1]} classes, the config says {num_classes}")
+    return logits
+
+
+def overlay_image(image, pred):
+    """The prediction in the Cityscapes palette blended half and half over the image."""
+    return (0.5 * image.astype(np.float32) + 0.5 * colorize(pred).astype(np.float32)).round().astype(np.uint8)
+
+
 # --------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------
@@ -262,7 +314,7 @@ def _output_name(dataset, index):
     return sub, name
 
 
-def _write_png(array, path):
+def write_png(array, path):
     """Save a uint8 (H, W) array as an 8-bit grey ('L') PNG, or (H, W, 3) as RGB."""
     from PIL import Image
 
@@ -273,8 +325,7 @@ def _write_png(array, path):
 
 def show_image(image, pred, label):
     """Side by side: the image, the prediction blended over it, the coloured ground truth."""
-    overlay = (0.5 * image.astype(np.float32) + 0.5 * colorize(pred).astype(np.float32)).round()
-    return np.concatenate([image, overlay.astype(np.uint8), colorize(label)], axis=1)
+    return np.concatenate([image, overlay_image(image, pred), colorize(label)], axis=1)
 
 
 def _is_within(path, folder):
@@ -323,11 +374,7 @@ def evaluate(model, dataset, cfg, device="cpu", mode=None, progress=True, show_d
     num_classes = int(cfg["num_classes"])
     eval_class_sets(cfg["eval_classes"], num_classes)  # fail early on a bad setting
     _check_output_dirs(show_dir, label_id_dir, train_id_dir)
-    mean, std = cfg["pipeline"]["mean"], cfg["pipeline"]["std"]
-    scale = ev["scale"]
     count = len(dataset) if max_images is None else max(0, min(int(max_images), len(dataset)))
-
-    from .data.transforms import normalize, resize
 
     device = torch.device(device)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -341,26 +388,17 @@ def evaluate(model, dataset, cfg, device="cpu", mode=None, progress=True, show_d
     with eval_mode(model):
         for index in range(rank, count, world_size):
             image, label = dataset.load(index)
-            resized, _ = resize(image, None, scale)
-            tensor = normalize(resized, mean, std).unsqueeze(0).to(device)
-            out_size = label.shape
-            if mode == "whole":
-                logits = infer_whole(model, tensor, out_size, autocast_dtype)
-            else:
-                logits = infer_slide(model, tensor, ev["slide_crop"], ev["slide_stride"], num_classes,
-                                     out_size, autocast_dtype)
-            if logits.shape[1] != num_classes:
-                raise ConfetiError(f"model gives {logits.shape[1]} classes, the config says {num_classes}")
+            logits = predict_logits(model, image, cfg, device, mode, label.shape, autocast_dtype)
             pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
             cm += confusion_matrix(pred, label, num_classes)
 
             sub, name = _output_name(dataset, index)
             if show_dir is not None:
-                _write_png(show_image(image, pred, label), Path(show_dir) / sub / name)
+                write_png(show_image(image, pred, label), Path(show_dir) / sub / name)
             if label_id_dir is not None:
-                _write_png(train_ids_to_label_ids(pred), Path(label_id_dir) / sub / name)
+                write_png(train_ids_to_label_ids(pred), Path(label_id_dir) / sub / name)
             if train_id_dir is not None:
-                _write_png(pred, Path(train_id_dir) / sub / name)
+                write_png(pred, Path(train_id_dir) / sub / name)
             if bar is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -374,5 +412,5 @@ def evaluate(model, dataset, cfg, device="cpu", mode=None, progress=True, show_d
         reduce(total)
         cm = total.cpu().numpy()
     result = summary(cm, cfg["eval_classes"])
-    result.update(num_images=count, mode=mode)
+    result.update(num_images=count, mode=mode, scale=ev.get("scale"), protocol=describe_protocol(cfg, mode))
     return result

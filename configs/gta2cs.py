@@ -7,12 +7,15 @@
     "eval_classes": "all",
     "model": {
         "depth": 101,
-        # OpenMMLab ImageNet ResNetV1c-101 (mmcv's open-mmlab://resnet101_v1c), a local file.
+        # OpenMMLab ImageNet ResNetV1c-101 (mmcv's open-mmlab://resnet101_v1c), a local file;
+        # None: random init.
         "pretrained": "pretrained/resnet101_v1c.pth",
+        "head_dilations": [6, 12, 18, 24],  # the DeepLabV2 ASPP classifier's four branches
     },
     # resize is mmseg's img_scale (w, h): the image is scaled to fit it, keeping its ratio.
-    "source": {"type": "gta5", "root": "data/gta5", "resize": [1280, 720]},
-    "target": {"type": "cityscapes", "root": "data/cityscapes", "resize": [1280, 640]},
+    # generate: None reads the data at root; "demo" writes the embedded demo pair there first.
+    "source": {"type": "gta5", "root": "data/gta5", "resize": [1280, 720], "generate": None},
+    "target": {"type": "cityscapes", "root": "data/cityscapes", "resize": [1280, 640], "generate": None},
     "pipeline": {
         "cat_max_ratio": 0.75,  # source crops only
         "flip_prob": 0.5,
@@ -30,7 +33,10 @@
     },
     "evaluation": {
         "mode": "whole",  # or "slide"
-        "scale": [1280, 640],  # inference scale (w, h); logits are upsampled to the label size
+        # inference scale (w, h), keep ratio; None: the image's full resolution (Cityscapes
+        # 2048x1024), the authors' protocol. Logits are upsampled to the label size.
+        # [1280, 640] is CONFETII's protocol, [1024, 512] DAFormer's (test.py --eval-scale W H).
+        "scale": None,
         "slide_crop": [640, 640],  # (h, w)
         "slide_stride": [426, 426],  # (h, w)
         "interval": 4000,

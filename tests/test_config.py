@@ -42,7 +42,7 @@ def test_missing_config_file(tmp_path):
     ("{'_base_': 'demo', 'batchsize': 4}", "unknown key"),
     ("{'_base_': 'demo', 'model': {'depth': 152}}", "model.depth"),
     ("{'_base_': 'demo', 'source': {'type': 'kitti'}}", "source.type"),
-    ("{'_base_': 'demo', 'seed': 'zero'}", "'seed' must be a int"),
+    ("{'_base_': 'demo', 'seed': 'zero'}", "'seed' must be an int"),
 ])
 def test_wrong_config_is_one_line_error_naming_the_file(tmp_path, text, message):
     path = tmp_path / "bad.py"
