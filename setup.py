@@ -88,9 +88,11 @@ setup(
         "ninja",
         "opencv-python-headless",  # 16-bit SYNTHIA labels and mmcv-identical resizing
         "tqdm",  # progress bars
+        "matplotlib",  # training curves (curves.png), drawn on the non-interactive Agg canvas
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "cityscapesscripts"],
+        "tensorboard": ["tensorboard"],  # scalars and panels in WORK_DIR/stage<N>/tb
+        "test": ["pytest", "pytest-benchmark", "cityscapesscripts", "tensorboard"],
     },
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},

@@ -163,7 +163,8 @@ class Trainer:
             self._note_best(result)
             return result
         pipeline = self.cfg["pipeline"]
-        save_iteration_pictures(self.iteration.images, self.work_dir, self.t, pipeline["mean"], pipeline["std"])
+        save_iteration_pictures(self.iteration.images, self.work_dir, self.t, pipeline["mean"], pipeline["std"],
+                                writer=self.log.tensorboard)
         self.log.write({"iter": self.t, **{k: 100 * result[k] for k in self._metrics(result)}})
         self.save(result)
         return result

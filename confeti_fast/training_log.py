@@ -5,10 +5,15 @@ device-to-host copy), averaged over iterations and ranks, checked, and written b
 one JSON object per line in `log.jsonl`. With runtime.check_finite 'step' every loss is also
 checked before its backward (a host sync per term); with 'log' (the CUDA default) the check
 happens when the log reads the values anyway.
+
+Where `tensorboard` is installed (`pip install .[tensorboard]`), rank 0 also writes every
+logged number (losses, lr, speed, q, mIoU) as a TensorBoard scalar, and the trainer's panels
+as images, into WORK_DIR/stage<N>/tb/ (`tensorboard --logdir WORK_DIR`).
 """
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,11 +24,42 @@ class NonFiniteLoss(ConfetiError):
     """A loss term became NaN or infinite; training stops before it touches any weight."""
 
 
+def open_tensorboard(log_dir):
+    """A torch.utils.tensorboard SummaryWriter into `log_dir`, or None without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an extra: pip install .[tensorboard]
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def tensorboard_tag(key):
+    """The TensorBoard tag of a log record key: losses under loss/, metrics under val/, the rest
+    (lr, it_per_s, q) under train/."""
+    if "/" in key:
+        return key
+    return f"val/{key}" if key.startswith("mIoU") else f"train/{key}"
+
+
 class TrainingLog:
     def __init__(self, path, interval, dist, check_every_step, work_dir):
         self.path, self.interval, self.dist = path, interval, dist
         self.check_every_step, self.work_dir = check_every_step, work_dir
+        self._tensorboard = None  # opened on rank 0's first record; False: not installed
         self._reset()
+
+    @property
+    def tensorboard(self):
+        """Rank 0's TensorBoard writer (WORK_DIR/stage<N>/tb), or None (another rank, or no
+        tensorboard installed)."""
+        if self._tensorboard is None and self.dist.is_main:
+            self._tensorboard = open_tensorboard(Path(self.work_dir) / "tb") or False
+        return self._tensorboard or None
+
+    def close(self):
+        if self._tensorboard:
+            self._tensorboard.close()
+        self._tensorboard = None
 
     def _reset(self):
         self.sums, self.counts, self.started, self.done = {}, {}, time.perf_counter(), 0
@@ -67,6 +103,15 @@ class TrainingLog:
         return means
 
     def write(self, record):
-        if self.dist.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        """One record (a dict with 'iter'): a line of log.jsonl and, with tensorboard, one
+        scalar per number; rank 0 only."""
+        if not self.dist.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self.tensorboard
+        if writer is not None:
+            for key, value in record.items():
+                if key != "iter" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(tensorboard_tag(key), value, record["iter"])
+            writer.flush()

@@ -1,5 +1,10 @@
-"""Pictures a user would rather look at than read: ClassMix debug panels and training curves."""
+"""Pictures a user would rather look at than read: ClassMix debug panels and training curves.
+
+The curves are drawn with matplotlib on its non-interactive Agg canvas (no display, no pyplot
+state); the panels are PIL grids, also sent to TensorBoard as images when a writer is given.
+"""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +30,25 @@ def _tile(array, title):
     return canvas
 
 
-def save_panel(tiles, path, columns=3):
-    """Write titled (title, HxWx3 uint8) tiles as a grid PNG."""
+def panel_image(tiles, columns=3):
+    """Titled (title, HxWx3 uint8) tiles as one PIL grid image."""
     images = [_tile(array, title) for title, array in tiles]
     width, height = images[0].size
     rows = (len(images) + columns - 1) // columns
     grid = Image.new("RGB", (width * columns, height * rows), "white")
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def save_panel(tiles, path, columns=3, writer=None, tag=None, step=None):
+    """Write titled (title, HxWx3 uint8) tiles as a grid PNG (and to `writer`, a TensorBoard
+    SummaryWriter, as image `tag` at `step`, when given)."""
+    grid = panel_image(tiles, columns)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+    if writer is not None:
+        writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
     return path
 
 
@@ -46,61 +60,128 @@ def weight_picture(weight):
     return (weight.detach().float().cpu().clamp(0, 1) * 255).byte().numpy()
 
 
-def _plot(draw, box, series, title):
-    """Line plot of {name: (xs, ys)} inside `box` (left, top, right, bottom)."""
-    left, top, right, bottom = box
-    draw.rectangle(box, outline="black")
-    draw.text((left + 4, top - 14), title, fill="black")
-    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if np.isfinite(y)]
-    if not points:
-        return
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    draw.text((left + 4, bottom + 2), f"iter {x0:g} .. {x1:g}", fill="black")
-    draw.text((right - 120, top - 14), f"{y0:.3g} .. {y1:.3g}", fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
-    for i, (name, (xs, ys)) in enumerate(series.items()):
-        xy = [(left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
-              for x, y in zip(xs, ys) if np.isfinite(y)]
-        colour = colours[i % len(colours)]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        elif xy:
-            draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=colour)
-        draw.text((right + 6, top + 14 * i), name, fill=colour)
+def _read_log(log_path):
+    """{name: {iter: value}} of a JSON-lines training log (a later record of the same
+    iteration, e.g. after a resume, replaces the earlier one)."""
+    series = {}
+    path = Path(log_path)
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        t = record.get("iter")
+        if not isinstance(t, (int, float)):
+            continue
+        for key, value in record.items():
+            if key != "iter" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                series.setdefault(key, {})[t] = float(value)
+    return {name: dict(sorted(points.items())) for name, points in series.items()}
+
+
+def smooth(values, weight=None):
+    """TensorBoard's smoothing: a debiased exponential moving average. The weight grows with the
+    number of points (0 for 1-2 points, about 0.6 at 25, up to 0.9), skipping NaNs."""
+    values = [float(v) for v in values]
+    if weight is None:
+        weight = min(0.9, max(0.0, 1.0 - 10.0 / max(len(values), 1)))
+    out, last, count = [], 0.0, 0
+    for value in values:
+        if not math.isfinite(value):
+            out.append(float("nan"))
+            continue
+        last, count = last * weight + (1 - weight) * value, count + 1
+        out.append(last / (1 - weight ** count) if weight > 0 else value)
+    return out
+
+
+_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+            "#7f7f7f", "#bcbd22"]
+
+
+def _loss_panel(ax, series, log_scale):
+    """Raw losses faint, smoothed ones solid; on a log axis, values <= 0 are left out."""
+    for i, (name, points) in enumerate(series.items()):
+        xs, ys = list(points), list(points.values())
+        if log_scale:
+            ys = [y if y > 0 else float("nan") for y in ys]
+        colour = _COLOURS[i % len(_COLOURS)]
+        if len(xs) > 1:
+            ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
+        ax.plot(xs, smooth(ys), color=colour, linewidth=1.6, label=name, marker="o" if len(xs) < 3 else None)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
 def plot_curves(log_path, out_path):
-    """Loss curves and the mIoU curve of a JSON-lines training log, as one PNG."""
-    losses, metric = {}, {}
-    for line in Path(log_path).read_text().splitlines():
-        record = json.loads(line)
-        for key, value in record.items():
-            if key.startswith("loss/"):
-                losses.setdefault(key[5:], ([], []))
-                losses[key[5:]][0].append(record["iter"])
-                losses[key[5:]][1].append(value)
-            elif key.startswith("mIoU"):
-                metric.setdefault(key, ([], []))
-                metric[key][0].append(record["iter"])
-                metric[key][1].append(value)
-    canvas = Image.new("RGB", (900, 640), "white")
-    draw = ImageDraw.Draw(canvas)
-    _plot(draw, (40, 30, 740, 300), losses, "losses")
-    _plot(draw, (40, 350, 740, 610), metric, "target mIoU (%)")
-    canvas.save(out_path)
+    """Training curves of a JSON-lines training log as one PNG (`curves_figure`)."""
+    curves_figure(log_path).savefig(out_path)
     return out_path
 
 
-def save_iteration_pictures(images, work_dir, t, mean, std):
+def curves_figure(log_path):
+    """A matplotlib Figure (Agg canvas) of a training log's curves: the losses (raw and smoothed,
+    log scale; CUT's in a panel of their own; terms that go negative, the contrast
+    regularisers, on a linear axis) and the target mIoU with the pseudo-label confidence q."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    series = _read_log(log_path)
+    losses = {k[5:]: v for k, v in series.items() if k.startswith("loss/")}
+    negative = {k: v for k, v in losses.items() if any(y < 0 for y in v.values())}
+    positive = {k: v for k, v in losses.items() if k not in negative and any(y > 0 for y in v.values())}
+    panels = [("losses (smoothed; faint: raw)", {k: v for k, v in positive.items() if not k.startswith("cut_")},
+               True),
+              ("style transfer (CUT) losses", {k: v for k, v in positive.items() if k.startswith("cut_")}, True),
+              ("terms that go negative (linear)", negative, False)]
+    panels = [p for p in panels if p[1]]
+    metrics = {k: v for k, v in series.items() if k in ("mIoU", "mIoU16", "mIoU13")}
+
+    fig = Figure(figsize=(10, 2.9 * (len(panels) + 1)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels) + 1, 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (title, group, log_scale) in zip(axes, panels):
+        _loss_panel(ax, group, log_scale)
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_ylabel("loss" + (" (log)" if log_scale else ""))
+    ax = axes[-1]
+    for i, (name, points) in enumerate(metrics.items()):
+        ax.plot(list(points), list(points.values()), color=_COLOURS[i], marker="o", linewidth=1.8,
+                label=f"{name} (best {max(points.values()):.2f})")
+    if "q" in series:
+        points = series["q"]
+        ax.plot(list(points), smooth([100 * y for y in points.values()]), color="#7f7f7f", linestyle="--",
+                linewidth=1.2, label="q: confident target pixels")
+    if not metrics and "q" not in series:
+        ax.text(0.5, 0.5, "no evaluation yet", transform=ax.transAxes, ha="center", va="center", color="#7f7f7f")
+    ax.set_title("target evaluation", fontsize=10, loc="left")
+    ax.set_ylabel("%")
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if metrics or "q" in series:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    where = Path(log_path).resolve().parent
+    fig.suptitle(f"training curves: {where.parent.name}/{where.name}", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def save_iteration_pictures(images, work_dir, t, mean, std, writer=None):
     """The pictures of one iteration's images (`Iteration.images`): with style transfer the
-    source / stylized / target panel and each stylized image; after ClassMix its debug panel."""
+    source / stylized / target panel and each stylized image; after ClassMix its debug panel.
+    With `writer` (a TensorBoard SummaryWriter) the panels also go there, as 'panels/style' and
+    'panels/classmix' at step t."""
     work_dir = Path(work_dir)
     if "x_st" in images:
         stylized = [denormalize(x, mean, std) for x in images["x_st"]]
         save_panel([("source", denormalize(images["x_s"][0], mean, std)), ("stylized", stylized[0]),
-                    ("target", denormalize(images["x_t"][0], mean, std))], work_dir / "panels" / f"style_{t:06d}.png")
+                    ("target", denormalize(images["x_t"][0], mean, std))], work_dir / "panels" / f"style_{t:06d}.png",
+                   writer=writer, tag="panels/style", step=t)
         for j, image in enumerate(stylized):
             save_panel([(f"stylized {t}", image)], work_dir / "stylized" / f"{t:06d}_{j}.png", 1)
     if "x_m" in images:
@@ -111,4 +192,6 @@ def save_iteration_pictures(images, work_dir, t, mean, std):
             ("mixed label", label_picture(images["y_m"][0])),
             ("pseudo label", label_picture(images["y_t"][0])),
             ("weights", weight_picture(images["w_m"][0])),
-        ], work_dir / "panels" / f"classmix_{t:06d}.png")
+        ], work_dir / "panels" / f"classmix_{t:06d}.png", writer=writer, tag="panels/classmix", step=t)
+    if writer is not None:
+        writer.flush()

@@ -170,3 +170,34 @@ def resume_after_kill(cfg, stage, work_dir, monkeypatch):
     resumed = Trainer(cfg, stage, work_dir, resume=last, progress=False)
     resumed.train()
     return resumed
+
+
+# ---------------------------------------------------------------- training logs
+
+def write_training_log(path, iters=600, interval=10, eval_interval=200, seed=0):
+    """A log.jsonl shaped like a real stage-1 run's: loss records every `interval` iterations
+    (decaying, noisy; CUT losses; contrast terms and their negative regularisers once the gate
+    opens; fdist 0 at first), evaluation records (mIoU in %) every `eval_interval`."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for t in range(interval, iters + 1, interval):
+        decay = math.exp(-t / (iters / 3))
+        record = {"iter": t, "lr": 5e-4 * min(1.0, t / 50) * (1 - t / (iters + 1)), "it_per_s": 2.0,
+                  "loss/src_ce": (0.4 + 1.8 * decay) * math.exp(rng.normal(0, 0.15)),
+                  "loss/mix_ce": (0.3 + 1.0 * decay) * math.exp(rng.normal(0, 0.2)),
+                  "loss/src_cam": (0.1 + 0.6 * decay) * math.exp(rng.normal(0, 0.2)),
+                  "loss/fdist": 0.0 if t < iters / 6 else 0.01 * math.exp(rng.normal(0, 0.3)),
+                  "loss/cut_d": 0.25 + 0.2 * decay, "loss/cut_gan": 0.5 + 0.4 * decay,
+                  "loss/cut_nce": 2 + 2.5 * decay + rng.normal(0, 0.1),
+                  "q": min(0.9, 0.1 + t / (1.5 * iters))}
+        if t > iters / 3:
+            record.update({"loss/mix_contrast": 0.8 * math.exp(rng.normal(0, 0.1)),
+                           "loss/mix_reg": -4.0 - rng.random()})
+        records.append(record)
+        if t % eval_interval == 0:
+            records.append({"iter": t, "mIoU": 100 * (0.08 + 0.25 * (1 - math.exp(-t / 500)))})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
