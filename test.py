@@ -2,14 +2,22 @@
 """Evaluate a checkpoint on the target's val split and print the per-class IoU table.
 
     python test.py CFG (CKPT | --random-init) [--teacher] [--mode whole|slide] [--device cpu|cuda]
-                   [--show-dir DIR] [--label-id-dir DIR] [--train-id-dir DIR] [--max-images N]
-                   [--kernels fused|reference]
+                   [--eval-scale W H | --eval-scale full] [--show-dir DIR] [--label-id-dir DIR]
+                   [--train-id-dir DIR] [--max-images N] [--kernels fused|reference]
+                   [--images PATH... [--out DIR]] [--cfg-options KEY=VALUE ...]
 
 CFG is the resolved `config.py` a training run wrote into its work dir, or a preset name.
 CKPT is a checkpoint written by training: a dict with the student's state dict under
 'model' and, optionally, the teacher's under 'teacher'; or one of the authors' mmseg-format
 checkpoints (keys `model.backbone.*`, `ema_model.*`, ...), converted on the fly. It is read with
 `torch.load(weights_only=True)`, so only tensors and plain literals are accepted.
+
+The protocol is the config's `evaluation` section: `scale` None is the authors' full
+resolution (the paper presets), `--eval-scale 1280 640` is CONFETII's and `--eval-scale 1024
+512` DAFormer's; the table's first line names it (scale, whole/slide, student/teacher, classes).
+
+--images PATH... segments image files or folders of any size instead of the val split (as
+`python -m confeti_fast.predict` does): colour overlays and labelId PNGs under --out DIR.
 
 --label-id-dir writes 8-bit labelId PNGs as `<DIR>/<city>/<city>_<seq>_<frame>_leftImg8bit.png`,
 which the official evaluator and the Cityscapes test server read, e.g.
@@ -42,6 +50,13 @@ def parse_args(argv=None):
                         help="fused kernels or the plain-PyTorch reference ops, as in train.py "
                              "(default: $CONFETI_KERNELS or fused); inference itself runs none of them")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                        help="segment these image files / folders (any size, no dataset layout) instead of "
+                             "evaluating the val split; writes overlay/ and labelIds/ under --out")
+    parser.add_argument("--out", type=Path, default=None, help="with --images: output folder (default: predictions)")
+    from confeti_fast.predict import add_inference_arguments
+
+    add_inference_arguments(parser, images=False)  # --eval-scale, --cfg-options
     return parser.parse_args(argv)
 
 
@@ -56,86 +71,69 @@ def _positive_int(text):
 
 
 def load_checkpoint(path):
-    """The checkpoint dict at `path`, read with weights_only=True; ConfetiError otherwise.
-    The authors' mmseg-format checkpoints are converted to our layout on the way."""
-    from confeti_fast.errors import ConfetiError
-    from confeti_fast.models.interop import convert_mmseg_checkpoint, is_mmseg_checkpoint, read_mmcv_checkpoint
+    """The checkpoint dict at `path` (see confeti_fast.predict.load_checkpoint)."""
+    from confeti_fast.predict import load_checkpoint as load
 
-    ckpt = read_mmcv_checkpoint(path, "checkpoint")
-    if not isinstance(ckpt, dict):
-        raise ConfetiError(f"checkpoint {path} must hold a dict with the weights under 'model', "
-                           f"found {type(ckpt).__name__}")
-    if is_mmseg_checkpoint(ckpt):
-        ckpt = convert_mmseg_checkpoint(ckpt, f"authors' checkpoint {path}")
-    return ckpt
+    return load(path)
 
 
 def select_weights(ckpt, path, teacher=False):
-    """The segmentor state dict to evaluate: ckpt['model'] or, with `teacher`, ckpt['teacher']
-    (a segmentor state dict, or a dict holding one under 'segmentor')."""
-    from confeti_fast.errors import ConfetiError
+    """The segmentor state dict to evaluate (see confeti_fast.predict.select_weights)."""
+    from confeti_fast.predict import select_weights as select
 
-    key = "teacher" if teacher else "model"
-    if key not in ckpt or ckpt[key] is None:
-        if teacher:
-            raise ConfetiError(f"checkpoint {path} has no teacher weights (no 'teacher' entry); "
-                               f"drop --teacher to evaluate the student")
-        keys = ", ".join(map(str, list(ckpt)[:8])) or "none"
-        raise ConfetiError(f"checkpoint {path} has no 'model' entry (its keys: {keys})")
-    weights = ckpt[key]
-    if isinstance(weights, dict) and isinstance(weights.get("segmentor"), dict):
-        weights = weights["segmentor"]
-    if not isinstance(weights, dict):
-        raise ConfetiError(f"checkpoint {path}: '{key}' must be a state dict, found {type(weights).__name__}")
-    return key, weights
+    return select(ckpt, path, teacher)
 
 
 def main(argv=None):
     args = parse_args(argv)
 
-    from confeti_fast.config import load_config
+    from confeti_fast.errors import ConfetiError
+    from confeti_fast.predict import load_inference_config
 
-    cfg = load_config(args.config)  # config errors show before the slow torch import
-
-    import torch
+    # config errors show before the slow torch import
+    cfg = load_inference_config(args.config, args.cfg_options, args.eval_scale)
+    if (args.checkpoint is None) == (not args.random_init):
+        raise ConfetiError("give either a CKPT file or --random-init (not both)")
+    if args.images is None and args.out is not None:
+        raise ConfetiError("--out is the output folder of --images; for the val split use --show-dir, "
+                           "--label-id-dir or --train-id-dir")
+    if args.images is not None:
+        given = [flag for flag, value in (("--show-dir", args.show_dir), ("--label-id-dir", args.label_id_dir),
+                                          ("--train-id-dir", args.train_id_dir), ("--max-images", args.max_images))
+                 if value is not None]
+        if given:
+            raise ConfetiError(f"{', '.join(given)} belong to the val split; --images writes its overlays and "
+                               f"labelIds under --out DIR")
 
     from confeti_fast import ops
     from confeti_fast.data.datasets import build_dataset
-    from confeti_fast.errors import ConfetiError
-    from confeti_fast.evaluation import evaluate, format_table
-    from confeti_fast.models import build_segmentor, load_model_weights
+    from confeti_fast.evaluation import describe_protocol, evaluate, format_table
+    from confeti_fast.predict import collect_images, load_model, resolve_device, run
 
     ops.set_kernels(args.kernels)
-    if (args.checkpoint is None) == (not args.random_init):
-        raise ConfetiError("give either a CKPT file or --random-init (not both)")
+    if args.images is not None:
+        collect_images(args.images)  # bad inputs fail before the model loads
+        return run(cfg, args.checkpoint, args.images, args.out or Path("predictions"), teacher=args.teacher,
+                   mode=args.mode, device=args.device, progress=not args.no_progress)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfetiError("--device cuda: no CUDA device is available (use --device cpu)")
-
-    # The checkpoint holds every weight: no ImageNet file is needed.
-    torch.manual_seed(cfg["seed"])
-    model = build_segmentor(dict(cfg["model"], pretrained=None), cfg["num_classes"], verbose=False)
-    ckpt = {}
+    device = resolve_device(args.device)
+    model, ckpt = load_model(cfg, args.checkpoint, args.teacher, device)
     if args.random_init:
         args.checkpoint = "a randomly initialised model"
-    else:
-        ckpt = load_checkpoint(args.checkpoint)
-        key, weights = select_weights(ckpt, args.checkpoint, args.teacher)
-        load_model_weights(model, weights, f"{args.checkpoint} ['{key}']")
-    model.to(device)
 
     dataset = build_dataset(cfg["target"], "val")
     mode = args.mode or cfg["evaluation"].get("mode", "whole")
+    weights = "teacher" if args.teacher else "student"
     iteration = ckpt.get("iteration")
     at = f" at iteration {iteration}" if isinstance(iteration, int) else ""
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
-    print(f"{'teacher' if args.teacher else 'student'} of {args.checkpoint}{at}: "
+    print(f"{weights} of {args.checkpoint}{at}: "
           f"{count} {dataset.split} images of {dataset.root}, {mode} inference on {device}", flush=True)
 
     result = evaluate(model, dataset, cfg, device=device, mode=mode, progress=not args.no_progress,
                       show_dir=args.show_dir, label_id_dir=args.label_id_dir,
                       train_id_dir=args.train_id_dir, max_images=args.max_images)
+    result["protocol"] = describe_protocol(cfg, mode, weights)
     print(format_table(result))
     for flag, folder in (("--show-dir", args.show_dir), ("--label-id-dir", args.label_id_dir),
                          ("--train-id-dir", args.train_id_dir)):

@@ -5,12 +5,18 @@
                     [--resume auto|PATH] [--kernels fused|reference] [--iters N]
                     [--cut-checkpoint PATH] [--amp bf16|fp32] [--[no-]channels-last]
                     [--compile MODE | --no-compile] [--[no-]fused-optimizer] [--check-finite step|log]
-                    [--[no-]deterministic]
+                    [--[no-]deterministic] [--seed N] [--cfg-options KEY=VALUE ...]
 
 With no arguments: the demo preset on the embedded demo data (generated on first use),
 stage 1 then stage 2, ending with the target mIoU. Outputs go to WORK_DIR/stage<N>/:
 config.py (resolved), log.jsonl, last.pth / best.pth (written atomically), panels/
-(ClassMix debug, source/stylized/target), stylized/, curves.png.
+(ClassMix debug, source/stylized/target), stylized/, curves.png, and tb/ (TensorBoard
+scalars and panels, when tensorboard is installed).
+
+--cfg-options key.path=value ... overrides config values (mmseg's convention: each value is
+a Python literal, else a string), e.g. `--cfg-options train.contrast_after=1000
+optimizer.lr=1e-4 model.pretrained=weights/r101.pth`; they are checked like a config file
+and recorded in the run's config.py.
 """
 import argparse
 from pathlib import Path
@@ -31,6 +37,10 @@ def parse_args(argv=None):
     parser.add_argument("--kernels", choices=("fused", "reference"), default=None,
                         help="fused kernels or the plain-PyTorch reference ops (default: $CONFETI_KERNELS or fused)")
     parser.add_argument("--iters", type=int, default=None, help="override the stage's iteration count")
+    parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    parser.add_argument("--cfg-options", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="override config values, e.g. train.contrast_after=1000 optimizer.lr=1e-4 "
+                             "(values are Python literals, else strings; checked like a config file)")
     fast = parser.add_argument_group(
         "runtime", "how the step executes; default: the config's runtime section, else the device's "
                    "default (CPU: fp32 eager; CUDA: bf16, channels_last, compile reduce-overhead, fused AdamW)")
@@ -52,12 +62,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from confeti_fast.config import load_config
+    from confeti_fast.config import load_config, parse_cfg_options
     from confeti_fast.errors import ConfetiError
 
     if args.iters is not None and args.iters < 1:
         raise ConfetiError(f"--iters must be positive, got {args.iters}")
-    cfg = load_config(args.config)
+    overrides = parse_cfg_options(args.cfg_options)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    cfg = load_config(args.config, overrides, "--cfg-options" if args.cfg_options else "command line")
     runtime = {key: getattr(args, key) for key in ("amp", "channels_last", "compile", "fused_optimizer", "check_finite",
                                                    "deterministic") if getattr(args, key) is not None}
     if runtime.get("compile") == "off":
@@ -93,10 +106,14 @@ def main(argv=None):
 
 
 def _resume_path(resume, work_dir, stage):
+    from confeti_fast.distributed import launched_as_main
+
     if resume != "auto":
         return resume
     last = work_dir / f"stage{stage}" / "last.pth"
-    print(f"resume: {'from ' + str(last) if last.is_file() else 'no checkpoint in ' + str(last.parent) + ', starting fresh'}")
+    if launched_as_main():  # one line per run, not per rank
+        found = f"from {last}" if last.is_file() else f"no checkpoint in {last.parent}, starting fresh"
+        print(f"resume: {found}", flush=True)
     return last if last.is_file() else None
 
 

@@ -117,6 +117,12 @@ class Context:
             raise ConfetiError(f"iteration {t}: ranks hold different {', '.join(differing)}")
 
 
+def launched_as_main():
+    """Whether this process is rank 0 of its launch (torchrun's RANK; a plain process is), before
+    any process group exists: what prints a line once per run rather than once per rank asks."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def from_environment(device_type):
     """The Context torchrun's environment describes; joins the process group on first use."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -201,3 +201,28 @@ def write_training_log(path, iters=600, interval=10, eval_interval=200, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
+
+
+# ---------------------------------------------------------------- a checkpoint to evaluate
+
+def tiny_eval_run(root, size=(64, 32)):
+    """A resolved demo config whose target is a tiny Cityscapes val split (one image per city,
+    `size` (w, h)) under `root`, and a depth-18 checkpoint (student and teacher) that fits it:
+    (config path, checkpoint path, config)."""
+    from confeti_fast.config import dump_config
+    from confeti_fast.models import build_segmentor
+
+    width, height = size
+    make_cityscapes(root / "cs", "val", per_city=1, h=height, w=width)
+    cfg = load_config("demo", {
+        "model": {"depth": 18, "pretrained": None},
+        "target": {"root": str(root / "cs"), "resize": [width, height], "generate": None},
+        "evaluation": {"mode": "whole", "scale": [width, height], "slide_crop": [32, 32], "slide_stride": [24, 24]},
+    })
+    config = dump_config(cfg, root / "work" / "config.py")
+    torch.manual_seed(0)
+    student = build_segmentor(cfg["model"], 19, verbose=False).state_dict()
+    teacher = build_segmentor(cfg["model"], 19, verbose=False).state_dict()
+    checkpoint = root / "work" / "ckpt.pth"
+    torch.save({"model": student, "teacher": teacher, "iteration": 10}, checkpoint)
+    return config, checkpoint, cfg

@@ -17,6 +17,12 @@ from ..errors import ConfetiError
 from .resnet import ARCH_SETTINGS
 
 _V1C_HINT = "a ResNetV1c one is needed, e.g. mmcv's open-mmlab://resnet{depth}_v1c"
+# OpenMMLab's model zoo (mmcv's open-mmlab://resnet<depth>_v1c names resolve to these files).
+V1C_URLS = {
+    18: "https://download.openmmlab.com/pretrain/third_party/resnet18_v1c-b5776b93.pth",
+    50: "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
+    101: "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
+}
 _MAX_LISTED = 3
 
 
@@ -126,6 +132,16 @@ def _guess_depth(keys):
     return None, f"{kind} blocks {counts}"
 
 
+def missing_imagenet_hint(depth, path):
+    """What a missing ImageNet file should be, where it comes from, and how to point a config at it."""
+    url = V1C_URLS.get(depth)
+    source = f"e.g. {url}" if url else f"its resnet{depth}_v1c file"
+    return (f"the backbone init expects OpenMMLab's ImageNet ResNetV1c-{depth} (mmcv's "
+            f"open-mmlab://resnet{depth}_v1c) from the OpenMMLab model zoo ({source}); save it as {path}, "
+            f"or point the config's model.pretrained key at your copy (--cfg-options model.pretrained=PATH; "
+            f"None: random init)")
+
+
 def load_imagenet_backbone(backbone, path):
     """Load an OpenMMLab `resnetXX_v1c` ImageNet checkpoint into a `ResNetV1c`.
 
@@ -137,10 +153,12 @@ def load_imagenet_backbone(backbone, path):
     """
     what = "ImageNet checkpoint"
     path = Path(path)
+    depth = backbone.depth
+    if not path.exists():
+        raise ConfetiError(f"{what} {path} does not exist: " + missing_imagenet_hint(depth, path))
     sd = extract_state_dict(read_checkpoint(path, what), f"{what} {path}")
     sd = _strip_prefix(sd, "module.")
     sd = _strip_prefix(sd, "backbone.")
-    depth = backbone.depth
     if "stem.0.weight" not in sd:
         if "conv1.weight" in sd:
             guessed, _ = _guess_depth(sd)
