@@ -42,7 +42,8 @@ class Trainer:
         tcfg, num_classes = cfg["train"], cfg["num_classes"]
 
         torch.manual_seed(cfg["seed"])
-        self.student = ConfetiNet(cfg["model"], num_classes, tcfg["proto_dim"]).to(self.device)
+        self.student = ConfetiNet(cfg["model"], num_classes, tcfg["proto_dim"],
+                                  verbose=self.dist.is_main).to(self.device)  # the ImageNet load report
         if self.runtime["sync_bn"] and self.dist.enabled:
             if self.device.type != "cuda":
                 raise ConfetiError("runtime.sync_bn needs CUDA (torch's SyncBatchNorm); on CPU the ranks "

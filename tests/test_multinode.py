@@ -62,10 +62,16 @@ def _two_nodes(args, cwd):
 
 @pytest.fixture(scope="module")
 def two_node_run(tmp_path_factory):
+    import torch
+
+    from confeti_fast.models import ResNetV1c
     from confeti_fast.trainer import Trainer
 
     tmp_path = tmp_path_factory.mktemp("multinode")
     cfg = tiny_config(tmp_path, cut=True)
+    # an ImageNet file in the OpenMMLab layout, so that the load report is printed
+    torch.save({"state_dict": ResNetV1c(18).state_dict()}, tmp_path / "r18_v1c.pth")
+    cfg["model"]["pretrained"] = str(tmp_path / "r18_v1c.pth")
     dump_config(cfg, tmp_path / "cfg.py")
     Trainer(cfg, 1, tmp_path / "cut", device="cpu", progress=False).save({})  # G/D/F to start from
     train = [str(ROOT / "train.py"), "--config", str(tmp_path / "cfg.py"), "--stage", "1", "--device", "cpu",
@@ -89,7 +95,8 @@ def test_one_voice(two_node_run):
     formed one world: two separate worlds would each have a rank 0 printing them)."""
     _, _, outputs = two_node_run
     lines = [line for out, _ in outputs for line in out.splitlines()]
-    for start in ("resume: no checkpoint in", "style transfer: G/D/F from", "stage 1: target mIoU"):
+    for start in ("resume: no checkpoint in", "ImageNet init from", "style transfer: G/D/F from",
+                  "stage 1: target mIoU"):
         assert sum(line.startswith(start) for line in lines) == 1, (start, lines)
 
 
