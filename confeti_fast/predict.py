@@ -163,7 +163,8 @@ def run(cfg, checkpoint, paths, out_dir, teacher=False, mode=None, device=None, 
     model, ckpt = load_model(cfg, checkpoint, teacher, device)
     iteration = ckpt.get("iteration")
     at = f" at iteration {iteration}" if isinstance(iteration, int) else ""
-    print(f"{'teacher' if teacher else 'student'} of {checkpoint}{at}: {len(images)} image(s) on {device}; "
+    weights = f"{'teacher' if teacher else 'student'} of {checkpoint}" if checkpoint else "a randomly initialised model"
+    print(f"{weights}{at}: {len(images)} image(s) on {device}; "
           f"protocol: {describe_protocol(cfg, mode)}", flush=True)
     written = predict_images(model, images, cfg, out_dir, device, mode, progress)
     print(f"predictions: {written['images']} colour overlays in {written['overlay']}, "
