@@ -8,7 +8,7 @@
                     [--[no-]deterministic] [--seed N] [--cfg-options KEY=VALUE ...]
 
 With no arguments: the demo preset on the embedded demo data (generated on first use),
-stage 1 then stage 2, ending with the target mIoU. Outputs go to WORK_DIR/stage<N>/:
+stage 0 (CUT alone), stage 1, then stage 2, ending with the target mIoU. Outputs go to WORK_DIR/stage<N>/:
 config.py (resolved), log.jsonl, last.pth / best.pth (written atomically), panels/
 (ClassMix debug, source/stylized/target), stylized/, curves.png, and tb/ (TensorBoard
 scalars and panels, when tensorboard is installed).
@@ -27,10 +27,13 @@ def parse_args(argv=None):
     parser.add_argument("--config", default="demo", help="preset name or config file (default: demo)")
     parser.add_argument("--stage", type=int, choices=(0, 1, 2), default=None,
                         help="0: pre-train CUT alone; 1: joint; 2: frozen CUT, segmentor restarted "
-                             "(default: 1 then 2; only 2 without style transfer)")
+                             "(default: 0, 1 then 2, the authors' schedule; only 2 without style transfer)")
     parser.add_argument("--cut-checkpoint", type=Path, default=None, metavar="PATH",
                         help="start G/D/F from this checkpoint (a stage's last.pth, or CUT's latest_net_G.pth); "
                              "default: the previous stage's last.pth in the work dir")
+    parser.add_argument("--cut-random-start", action="store_true",
+                        help="let stage 1 start G/D/F from random weights when there is no pre-trained CUT "
+                             "(the paper presets otherwise stop with an error)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: work_dirs/<config name>")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="'auto': continue from WORK_DIR/stage<N>/last.pth if it exists; or a checkpoint")
@@ -70,13 +73,15 @@ def main(argv=None):
     overrides = parse_cfg_options(args.cfg_options)
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.cut_random_start:
+        overrides.setdefault("cut", {})["require_pretrained"] = False
     cfg = load_config(args.config, overrides, "--cfg-options" if args.cfg_options else "command line")
     runtime = {key: getattr(args, key) for key in ("amp", "channels_last", "compile", "fused_optimizer", "check_finite",
                                                    "deterministic") if getattr(args, key) is not None}
     if runtime.get("compile") == "off":
         runtime["compile"] = None
     styled = cfg["method"] == "confeti" and cfg["cut"]["enabled"]
-    stages = [args.stage] if args.stage is not None else ([1, 2] if styled else [2])
+    stages = [args.stage] if args.stage is not None else ([0, 1, 2] if styled else [2])
     if args.resume not in (None, "auto") and len(stages) > 1:
         raise ConfetiError("--resume PATH needs --stage: a checkpoint belongs to one stage")
 

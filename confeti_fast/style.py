@@ -111,3 +111,55 @@ def load_style(style, path, with_optimizers=True):
         style.load_state_dict(ckpt["style"], str(path), with_optimizers)
     else:
         load_cut_state_dict(style.G, path, "CUT generator")
+
+
+def _unit_rgb(x, mean, std):
+    """Segmentor-normalized (B, 3, H, W) -> RGB in [0, 1], float32."""
+    mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1)
+    return ((x.float() * std + mean) / 255.0).clamp(0, 1)
+
+
+def _grey(rgb):
+    return (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]).unsqueeze(1)
+
+
+def ssim(a, b, window=11, sigma=1.5):
+    """Mean structural similarity of each image pair of (B, 1, H, W) maps in [0, 1] (Wang et al.
+    2004: Gaussian window 11 / 1.5, C1 = 0.01^2, C2 = 0.03^2, valid region only); shape (B,)."""
+    coords = torch.arange(window, dtype=torch.float32, device=a.device) - (window - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    kernel = (g[:, None] * g[None, :] / g.sum() ** 2).view(1, 1, window, window)
+
+    def blur(x):
+        return torch.nn.functional.conv2d(x, kernel)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return score.mean(dim=(1, 2, 3))
+
+
+def colour_statistics(rgb):
+    """Per-image channel means and standard deviations, (B, 6), in [0, 1] units."""
+    return torch.cat([rgb.mean(dim=(2, 3)), rgb.std(dim=(2, 3))], dim=1)
+
+
+@torch.no_grad()
+def stylization_scores(style, x_s, x_t, mean, std):
+    """How G(x_s) keeps the scene and takes on the target's look, on a fixed set of images:
+
+    structure_ssim: mean SSIM between the grey levels of x_s and G(x_s) (1: the same structure);
+    appearance_dist: distance of G(x_s)'s per-channel colour means and stds to the target set's
+    average ones (0-255 units), and appearance_dist_source the same for x_s itself, the
+    distance G has to close."""
+    fake = style.to_imagenet(style.stylize(style.to_cut(x_s)))
+    source, stylized, target = (_unit_rgb(x, mean, std) for x in (x_s, fake, x_t))
+    target_stats = colour_statistics(target).mean(0)
+    return {
+        "style/structure_ssim": float(ssim(_grey(source), _grey(stylized)).mean()),
+        "style/appearance_dist": float(255 * (colour_statistics(stylized) - target_stats).norm(dim=1).mean()),
+        "style/appearance_dist_source": float(255 * (colour_statistics(source) - target_stats).norm(dim=1).mean()),
+    }

@@ -22,6 +22,7 @@ from .evaluation import evaluate
 from .iteration import build_iteration
 from .models.heads import ConfetiNet, reg_proj
 from .optim import build_optimizer
+from .style import stylization_scores
 from .training_log import NonFiniteLoss, TrainingLog  # noqa: F401  (NonFiniteLoss: the run's NaN stop)
 from .visualize import plot_curves, save_iteration_pictures
 
@@ -74,6 +75,7 @@ class Trainer:
         self.log = TrainingLog(self.work_dir / "log.jsonl", tcfg["log_interval"], self.dist,
                                self.runtime["check_finite"] == "step", self.work_dir)
         self.iteration = build_iteration(self, self.log.check_finite)
+        self._probe = None  # the stylization scores' images, made at the first evaluation
         self.t = 0
         self.best = {"metric": None, "value": -1.0, "iter": None}
         if resume:
@@ -101,6 +103,13 @@ class Trainer:
                 raise ConfetiError(
                     f"stage 2 needs the style transfer trained in stage 1: no {previous}; run "
                     f"`python train.py --stage 1` with the same --work-dir first, or pass --cut-checkpoint PATH")
+            elif self.cfg["cut"]["require_pretrained"]:
+                raise ConfetiError(
+                    f"stage 1 starts from a pre-trained style transfer (docs/method.md §3): no {previous}; run "
+                    f"`python train.py --stage 0` with the same --work-dir first, pass --cut-checkpoint PATH, "
+                    f"or --cut-random-start")
+            elif self.dist.is_main:
+                print(f"style transfer: no {previous}, G/D/F start from random weights", flush=True)
         if source is not None:
             load_style(style, source, with_optimizers=False)
             if self.dist.is_main:
@@ -166,9 +175,22 @@ class Trainer:
         pipeline = self.cfg["pipeline"]
         save_iteration_pictures(self.iteration.images, self.work_dir, self.t, pipeline["mean"], pipeline["std"],
                                 writer=self.log.tensorboard)
-        self.log.write({"iter": self.t, **{k: 100 * result[k] for k in self._metrics(result)}})
+        record = {"iter": self.t, **{k: 100 * result[k] for k in self._metrics(result)}}
+        if self.style is not None:
+            record.update(stylization_scores(self.style, *self._style_probe(), pipeline["mean"], pipeline["std"]))
+        self.log.write(record)
         self.save(result)
         return result
+
+    def _style_probe(self, batches=4):
+        """A fixed set of source and target crops (those of iterations 0..3) that every
+        evaluation stylizes, so the stylization scores are comparable along the run."""
+        if self._probe is None:
+            items = [self.steps[t] for t in range(min(batches, len(self.steps)))]
+            self._probe = tuple(
+                runtime.prepare_input(torch.cat([item[key] for item in items]).to(self.device), self.runtime)
+                for key in ("source_image", "target_image"))
+        return self._probe
 
     @staticmethod
     def _metrics(result):

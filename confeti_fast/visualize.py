@@ -22,8 +22,14 @@ def denormalize(image, mean, std):
     return rgb.clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
+MIN_TILE_SIDE = 256  # small crops are enlarged (nearest neighbour) so a person can see what G does
+
+
 def _tile(array, title):
     tile = Image.fromarray(array).convert("RGB")
+    if min(tile.size) < MIN_TILE_SIDE:
+        factor = math.ceil(MIN_TILE_SIDE / min(tile.size))
+        tile = tile.resize((tile.width * factor, tile.height * factor), Image.NEAREST)
     canvas = Image.new("RGB", (tile.width, tile.height + 14), "white")
     canvas.paste(tile, (0, 14))
     ImageDraw.Draw(canvas).text((2, 1), title, fill="black")
@@ -116,6 +122,29 @@ def _loss_panel(ax, series, log_scale):
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
+def _style_panel(ax, style):
+    """The stylization scores of each evaluation: structure kept (SSIM, left axis) and the colour
+    distance to the target (right axis), beside the distance of the unstylized source."""
+    if "structure_ssim" in style:
+        points = style["structure_ssim"]
+        ax.plot(list(points), list(points.values()), color=_COLOURS[0], marker="o",
+                label="structure: SSIM(x_s, G(x_s))")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("SSIM")
+    right = ax.twinx()
+    for name, colour, dashes in (("appearance_dist", _COLOURS[1], "-"), ("appearance_dist_source", "#7f7f7f", "--")):
+        if name in style:
+            points = style[name]
+            label = "colour distance to target: G(x_s)" if name == "appearance_dist" else "... and x_s itself"
+            right.plot(list(points), list(points.values()), color=colour, linestyle=dashes, marker=".", label=label)
+    right.set_ylabel("colour statistics distance (0-255)")
+    right.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.08, 1.0), fontsize=8, frameon=False)
+    ax.set_title("stylization (fixed source and target crops)", fontsize=10, loc="left")
+    ax.grid(True, alpha=0.3)
+
+
 def plot_curves(log_path, out_path):
     """Training curves of a JSON-lines training log as one PNG (`curves_figure`)."""
     curves_figure(log_path).savefig(out_path)
@@ -140,14 +169,18 @@ def curves_figure(log_path):
               ("terms that go negative (linear)", negative, False)]
     panels = [p for p in panels if p[1]]
     metrics = {k: v for k, v in series.items() if k in ("mIoU", "mIoU16", "mIoU13")}
+    style = {k[6:]: v for k, v in series.items() if k.startswith("style/")}
 
-    fig = Figure(figsize=(10, 2.9 * (len(panels) + 1)), dpi=100)
+    rows = len(panels) + 1 + bool(style)
+    fig = Figure(figsize=(10, 2.9 * rows), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(panels) + 1, 1, sharex=True, squeeze=False)[:, 0]
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
     for ax, (title, group, log_scale) in zip(axes, panels):
         _loss_panel(ax, group, log_scale)
         ax.set_title(title, fontsize=10, loc="left")
         ax.set_ylabel("loss" + (" (log)" if log_scale else ""))
+    if style:
+        _style_panel(axes[len(panels)], style)
     ax = axes[-1]
     for i, (name, points) in enumerate(metrics.items()):
         ax.plot(list(points), list(points.values()), color=_COLOURS[i], marker="o", linewidth=1.8,

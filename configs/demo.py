@@ -19,7 +19,8 @@
     # short budget (the paper: warm-up 1500, gates 2000 and 3000 of 80k iterations).
     "optimizer": {"lr": 0.0005, "warmup_iters": 50},
     # A slimmer CUT (16 base channels instead of 64) keeps stage 1 within a CPU budget.
-    "cut": {"ngf": 16, "ndf": 16},
+    # `python train.py` runs stage 0 first; a lone `--stage 1` may start CUT from random weights.
+    "cut": {"ngf": 16, "ndf": 16, "require_pretrained": False},
     "train": {
         "mix_cam_after": 150,
         "contrast_after": 200,

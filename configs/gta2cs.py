@@ -1,4 +1,4 @@
-# GTA5 -> Cityscapes at the paper's settings (SPEC sections 1, 3 and 7).
+# GTA5 -> Cityscapes at the paper's settings (docs/method.md §1, §3 and §7).
 {
     "name": "gta2cs",
     "seed": 0,
@@ -55,7 +55,7 @@
         "warmup_ratio": 1e-06,
         "power": 1.0,
     },
-    # The CUT style-transfer module (SPEC 2, 6); enabled False trains without stylization.
+    # The CUT style-transfer module (docs/method.md §2, 6); enabled False trains without stylization.
     "cut": {
         "enabled": True,
         "ngf": 64,
@@ -67,6 +67,9 @@
         "lr": 0.0002,
         "betas": [0.5, 0.999],
         "consistency_weight": 0.1,
+        # Stage 1 starts CUT from stage 0's output or --cut-checkpoint, as the authors did; False
+        # allows a random start (train.py --cut-random-start).
+        "require_pretrained": True,
     },
     "train": {
         "teacher_momentum": 0.999,

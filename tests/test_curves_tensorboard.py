@@ -1,4 +1,6 @@
 """Training curves drawn with matplotlib, and TensorBoard scalars and panels (rank 0 only)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ from PIL import Image
 
 from confeti_fast.distributed import Context
 from confeti_fast.training_log import TrainingLog, tensorboard_tag
-from confeti_fast.visualize import curves_figure, plot_curves, save_iteration_pictures, smooth
+from confeti_fast.visualize import curves_figure, plot_curves, save_iteration_pictures, save_panel, smooth
 from helpers import tiny_config, write_training_log
 
 NO_TENSORBOARD = "tensorboard is not installed (pip install .[tensorboard]; the test extra has it)"
@@ -103,3 +105,30 @@ def test_a_tiny_training_writes_curves_and_tensorboard(tmp_path):
     assert [e.step for e in events.Scalars("loss/src_ce")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("val/mIoU")] == [2, 4]
     assert [e.step for e in events.Images("panels/classmix")] == [2, 4]
+
+
+def test_curves_draw_the_stylization_scores(tmp_path):
+    log = tmp_path / "stage1" / "log.jsonl"
+    log.parent.mkdir()
+    records = [{"iter": 10, "loss/src_ce": 1.0}, {"iter": 20, "loss/src_ce": 0.8},
+               {"iter": 20, "mIoU": 5.0, "style/structure_ssim": 0.4, "style/appearance_dist": 90.0,
+                "style/appearance_dist_source": 40.0}]
+    log.write_text("\n".join(json.dumps(r) for r in records))
+    titles = [ax.get_title(loc="left") for ax in curves_figure(log).axes]
+    assert "stylization (fixed source and target crops)" in titles
+    style_labels = ("SSIM", "colour statistics distance (0-255)")
+    style_axes = [ax for ax in curves_figure(log).axes if ax.get_ylabel() in style_labels]
+    lines = {line.get_label(): list(line.get_ydata()) for ax in style_axes for line in ax.get_lines()}
+    assert lines["structure: SSIM(x_s, G(x_s))"] == [0.4] and lines["colour distance to target: G(x_s)"] == [90.0]
+    records[-1] = {"iter": 20, "mIoU": 5.0}  # no style transfer: no such panel
+    log.write_text("\n".join(json.dumps(r) for r in records))
+    assert "stylization (fixed source and target crops)" not in [ax.get_title(loc="left")
+                                                                   for ax in curves_figure(log).axes]
+
+
+def test_panel_tiles_are_at_least_256_pixels(tmp_path):
+    # Demo crops are 112-128 px: the panels enlarge them so a person can see what G does.
+    small = np.zeros((40, 60, 3), np.uint8)
+    save_panel([("a", small), ("b", small)], tmp_path / "p.png", columns=2)
+    width, height = Image.open(tmp_path / "p.png").size
+    assert height - 14 >= 256 and width >= 2 * 256 * 60 // 40

@@ -1,12 +1,21 @@
-"""Stage 0/1/2 with the style transfer: gradient routing, resume, and where G comes from."""
+"""Stage 0/1/2 with the style transfer: gradient routing, resume, where G comes from, the
+default schedule and the stylization scores."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from confeti_fast.checkpoint import load_training_checkpoint
+from confeti_fast.checkpoint import load_training_checkpoint, training_state
+from confeti_fast.config import dump_config, load_config
 from confeti_fast.errors import ConfetiError
-from confeti_fast.checkpoint import training_state
+from confeti_fast.style import colour_statistics, ssim
 from confeti_fast.trainer import Trainer
 from helpers import assert_states_equal, resume_after_kill, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _params(module):
@@ -105,3 +114,50 @@ def test_stage1_starts_from_stage0_and_from_an_original_cut_file(tmp_path):
     torch.save(stage0.style.G.state_dict(), original)  # the CUT layout: model.N.*
     other = Trainer(cfg, 1, tmp_path / "other", progress=False, cut_checkpoint=original)
     assert _same(_params(stage0.style.G), _params(other.style.G))
+
+
+def test_stage1_without_a_pretrained_cut_is_an_error_in_paper_presets(tmp_path):
+    # The authors start stage 1 from a CUT trained alone (docs/method.md §3): the paper presets
+    # require one, and say what to run.
+    cfg = tiny_config(tmp_path, cut=True)
+    cfg["cut"]["require_pretrained"] = True
+    with pytest.raises(ConfetiError, match=r"stage 1 starts from a pre-trained style transfer.*--stage 0.*"
+                                           r"--cut-checkpoint.*--cut-random-start"):
+        Trainer(cfg, 1, tmp_path / "run", progress=False)
+    assert load_config("gta2cs")["cut"]["require_pretrained"] and load_config("synthia2cs")["cut"]["require_pretrained"]
+
+
+def test_default_schedule_runs_stage0_then_1_then_2(tmp_path):
+    # `python train.py` with no --stage: CUT alone, then stage 1 from stage 0's G/D/F, then stage 2.
+    cfg = tiny_config(tmp_path, cut=True)
+    cfg["cut"]["require_pretrained"] = True  # so stage 1 fails unless it finds stage 0's output
+    cfg_path = dump_config(cfg, tmp_path / "tiny.py")
+    run = subprocess.run([sys.executable, "train.py", "--config", str(cfg_path), "--work-dir", str(tmp_path / "w"),
+                          "--iters", "2", "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    stages = [line.split(":")[0] for line in run.stdout.splitlines() if line.startswith("stage ")]
+    assert stages == ["stage 0", "stage 1", "stage 2"]
+    assert f"style transfer: G/D/F from {tmp_path / 'w' / 'stage0' / 'last.pth'}" in run.stdout
+
+
+def test_ssim_and_colour_statistics():
+    torch.manual_seed(0)
+    image = torch.rand(2, 1, 40, 40)
+    assert torch.allclose(ssim(image, image), torch.ones(2))
+    noisy = (image + 0.3 * torch.randn_like(image)).clamp(0, 1)
+    assert (ssim(image, noisy) < 0.8).all() and (ssim(image, noisy) > ssim(image, torch.rand_like(image))).all()
+    rgb = torch.zeros(1, 3, 4, 4)
+    rgb[:, 0] = 0.5
+    assert torch.allclose(colour_statistics(rgb), torch.tensor([[0.5, 0.0, 0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_evaluations_log_the_stylization_scores(tmp_path):
+    cfg = tiny_config(tmp_path, cut=True)
+    trainer = Trainer(cfg, 0, tmp_path / "run", progress=False)
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "stage0" / "log.jsonl").read_text().splitlines()]
+    scores = [r for r in records if "style/structure_ssim" in r]
+    assert [r["iter"] for r in scores] == [2, 4]  # at each evaluation (interval 2, 4 iterations)
+    for r in scores:
+        assert 0.0 <= r["style/structure_ssim"] <= 1.0 and r["style/appearance_dist"] >= 0
+        assert r["style/appearance_dist_source"] == scores[0]["style/appearance_dist_source"]  # a fixed image set
