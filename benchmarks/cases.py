@@ -177,13 +177,6 @@ def peak_extra_mb(case, fn):
         case.call(fn, *args)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
+    from confeti_fast.profiling import cpu_peak_allocated_mb
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        case.call(fn, *args)
-    held = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        held += nbytes
-        peak = max(peak, held)
-    return peak / 2**20
+    return cpu_peak_allocated_mb(lambda: case.call(fn, *args))

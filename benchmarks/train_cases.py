@@ -120,16 +120,9 @@ def step_flops(trainer, batch):
 
 def cpu_step_peak_mb(trainer, batch):
     """The most memory one CPU step allocates beyond what exists before it (profiler events)."""
-    from torch.profiler import ProfilerActivity, profile
+    from confeti_fast.profiling import cpu_peak_allocated_mb
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer.step(batch, STEP_T)
-    held = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        held += nbytes
-        peak = max(peak, held)
-    return peak / 2**20
+    return cpu_peak_allocated_mb(lambda: trainer.step(batch, STEP_T))
 
 
 def bf16_peak_tflops(device_name):

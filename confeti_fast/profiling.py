@@ -64,6 +64,19 @@ def count_launches(fn):
     return LaunchCount([e.name for e in events if _counted(e.name) and not _inside_counted(e)])
 
 
+def cpu_peak_allocated_mb(fn):
+    """The most memory `fn()` holds at once beyond what existed before it, in MB, from the CPU
+    profiler's allocator events (`profile_memory=True`): tensors, not Python objects."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        held += nbytes
+        peak = max(peak, held)
+    return peak / 2**20
+
+
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
