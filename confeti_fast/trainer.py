@@ -22,7 +22,7 @@ from .evaluation import evaluate
 from .iteration import build_iteration
 from .models.heads import ConfetiNet, reg_proj
 from .optim import build_optimizer
-from .style import stylization_scores
+from .style import StyleTransfer, load_style, stylization_scores
 from .training_log import NonFiniteLoss, TrainingLog  # noqa: F401  (NonFiniteLoss: the run's NaN stop)
 from .visualize import plot_curves, save_iteration_pictures
 
@@ -89,8 +89,6 @@ class Trainer:
                 raise ConfetiError("--stage 0 pre-trains the style transfer: it needs method 'confeti' "
                                    "and cut.enabled True")
             return None
-        from .style import StyleTransfer, load_style
-
         style = StyleTransfer(self.cfg["cut"], self.device, self.cfg["pipeline"]["mean"], self.cfg["pipeline"]["std"],
                               fused=self.runtime["fused_optimizer"], grad_sync=self.dist.average_gradients,
                               prepare=lambda x: runtime.prepare_input(x, self.runtime))
