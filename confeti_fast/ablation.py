@@ -4,7 +4,8 @@
                                     [--work-dir work_dirs/ablation]
 
 Rows (presets): source_only, self_training (demo_selftrain), contrast (demo_nostyle: + CAM,
-prototypes and pixel-to-prototype contrast), full (demo: stage 0, 1 and 2). Runs go one after
+prototypes and pixel-to-prototype contrast), full (demo: stage 0, 1 and 2), and for reference
+oracle (demo_oracle: trained on the target's labels, the ceiling at this budget). Runs go one after
 another (two at once on a small CPU make both far slower), each `python train.py --config
 PRESET --seed S`. Every finished run is appended to OUT/runs.csv at once, and a run already
 there is not repeated, so an interrupted table resumes where it stopped. OUT/summary.csv holds
@@ -20,11 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROWS = {
     "source_only": ("source_only", "source only"),
     "self_training": ("demo_selftrain", "self-training"),
     "contrast": ("demo_nostyle", "+ CAM, prototypes, contrast"),
     "full": ("demo", "full method (stages 0-2)"),
+    # not a method: the ceiling, source cross-entropy on the target's own labels
+    "oracle": ("demo_oracle", "target labels (oracle)"),
 }
 RUN_FIELDS = ["row", "preset", "seed", "final_miou", "best_miou", "wall_s"]
 
@@ -82,10 +87,15 @@ def plot(summary, path):
     fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
     labels = [f"{s['label']}\n(n={s['n']})" for s in summary]
     xs = range(len(summary))
-    ax.bar([x - 0.2 for x in xs], [s["final_miou_mean"] for s in summary], 0.4,
-           yerr=[s["final_miou_std"] for s in summary], capsize=4, label="final")
-    ax.bar([x + 0.2 for x in xs], [s["best_miou_mean"] for s in summary], 0.4,
-           yerr=[s["best_miou_std"] for s in summary], capsize=4, label="best", alpha=0.7)
+    final = ax.bar([x - 0.2 for x in xs], [s["final_miou_mean"] for s in summary], 0.4,
+                   yerr=[s["final_miou_std"] for s in summary], capsize=4, label="final")
+    best = ax.bar([x + 0.2 for x in xs], [s["best_miou_mean"] for s in summary], 0.4,
+                  yerr=[s["best_miou_std"] for s in summary], capsize=4, label="best", alpha=0.7)
+    for i, s in enumerate(summary):
+        if s["row"] == "oracle":  # a reference, not a method: hatched
+            for bars in (final, best):
+                bars[i].set_hatch("//")
+                bars[i].set_edgecolor("white")
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("target mIoU (%), mean ± std over seeds")
     ax.set_title("Demo ablation (stage-2 budget of the demo preset)")
@@ -94,6 +104,118 @@ def plot(summary, path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# Who judges G(x_s): segmentors that never saw a stylized image, one trained on the source's
+# look (source_only), one on the target's (oracle). Which views of each held-out source image.
+JUDGES = ("source_only", "oracle")
+VIEWS = ("plain", "stage0_g", "stage1_g")
+VIEW_TITLES = {"plain": "x_s", "stage0_g": "G(x_s), end of stage 0", "stage1_g": "G(x_s), end of stage 1"}
+STYLE_FIELDS = ["seed", "images"] + [f"{judge}_{view}_miou" for judge in JUDGES for view in VIEWS] \
+    + ["stage0_g_ssim", "stage1_g_ssim"]
+
+
+def _stylizer(stage_dir, device):
+    """The frozen G of a finished stage (its config.py and last.pth)."""
+    from .config import load_config
+    from .style import StyleTransfer, load_style
+
+    cfg = load_config(stage_dir / "config.py")
+    style = StyleTransfer(cfg["cut"], device, cfg["pipeline"]["mean"], cfg["pipeline"]["std"])
+    load_style(style, stage_dir / "last.pth", with_optimizers=False)
+    style.freeze()
+    return style
+
+
+@torch.no_grad()
+def _stylize(style, image):
+    """G(image) for an (H, W, 3) uint8 RGB image, back as uint8 (H and W multiples of 4)."""
+    from .data.transforms import normalize
+    from .visualize import denormalize
+
+    x = normalize(image, style.mean, style.std)[None]
+    return denormalize(style.to_imagenet(style.stylize(style.to_cut(x)))[0], style.mean, style.std)
+
+
+def _judge(work_root, judge, seed):
+    from .config import load_config
+    from .predict import load_model
+
+    run = work_root / judge / f"seed{seed}" / "stage2"
+    cfg = load_config(run / "config.py")
+    model, _ = load_model(cfg, run / "last.pth")
+    return model.eval(), cfg
+
+
+def _stylization_ready(work_root, seed):
+    needed = [work_root / judge / f"seed{seed}" / "stage2" / "last.pth" for judge in JUDGES]
+    return all(p.is_file() for p in needed + [work_root / "full" / f"seed{seed}" / "stage1" / "last.pth"])
+
+
+@torch.no_grad()
+def stylization_check(work_root, seed, count=60, picture=None):
+    """Whether G keeps the scene, judged on `count` held-out demo source images (indices after
+    the ones the runs train on), plain and stylized by the full run's G at the end of stage 0
+    (where stage 1 starts) and at the end of stage 1 (what stage 2 trains on). The judges are
+    the source-only and the oracle runs' segmentors: mIoU against the images' own labels (the
+    oracle rises on G(x_s) as far as G gives the target's look and keeps the layout), and the
+    mean grey-level SSIM of G(x_s) to x_s. Returns a STYLE_FIELDS row. `picture`: also write
+    the first image's panel there (the views above, the oracle's predictions below)."""
+    from .data.demo import DEFAULT_COUNTS, make_image
+    from .data.labels import cityscapes_to_train_ids, colorize
+    from .evaluation import class_iou, confusion_matrix, mean_iou, predict_logits
+    from .style import structure_similarity
+    from .visualize import save_panel
+
+    full = work_root / "full" / f"seed{seed}"
+    judges = {judge: _judge(work_root, judge, seed) for judge in JUDGES}
+    stylizers = {"stage0_g": _stylizer(full / "stage0", "cpu"), "stage1_g": _stylizer(full / "stage1", "cpu")}
+    cms = {(judge, view): 0 for judge in JUDGES for view in VIEWS}
+    ssims = {view: [] for view in stylizers}
+    first = DEFAULT_COUNTS["source"]
+    for index in range(first, first + count):
+        image, label_ids = make_image("source", index, seed=0)  # the demo data's seed, not the run's
+        label = cityscapes_to_train_ids(label_ids)
+        views = {"plain": image, **{view: _stylize(g, image) for view, g in stylizers.items()}}
+        preds = {}
+        for (judge, view) in cms:
+            model, cfg = judges[judge]
+            preds[judge, view] = predict_logits(model, views[view], cfg).argmax(1)[0].numpy()
+            cms[judge, view] = cms[judge, view] + confusion_matrix(preds[judge, view], label)
+        for view in stylizers:
+            pair = [torch.from_numpy(v).permute(2, 0, 1)[None].float() / 255 for v in (image, views[view])]
+            ssims[view].append(float(structure_similarity(*pair)))
+        if picture is not None and index == first:
+            tiles = [(VIEW_TITLES[view], views[view]) for view in VIEWS]
+            tiles += [(f"oracle segmentor on {VIEW_TITLES[view]}", colorize(preds["oracle", view]))
+                      for view in VIEWS]
+            save_panel(tiles, picture)
+    row = {"seed": seed, "images": count}
+    for (judge, view), cm in cms.items():
+        row[f"{judge}_{view}_miou"] = f"{100 * mean_iou(class_iou(cm)):.2f}"
+    for view, values in ssims.items():
+        row[f"{view}_ssim"] = f"{sum(values) / len(values):.3f}"
+    return row
+
+
+def _stylization_table(work_root, seeds, out):
+    """OUT/stylization.csv (one row per seed whose source-only, oracle and full runs are there,
+    kept once written) and OUT/stylization.png (the first such seed's picture)."""
+    path = out / "stylization.csv"
+    rows = _read_runs(path)
+    for seed in seeds:
+        if any(int(r["seed"]) == seed for r in rows) or not _stylization_ready(work_root, seed):
+            continue
+        row = stylization_check(work_root, seed, picture=out / "stylization.png" if not rows else None)
+        for judge in JUDGES:
+            print(f"ablation: stylization check, seed {seed}: {judge} segmentor, mIoU on held-out sources "
+                  f"{row[f'{judge}_plain_miou']} plain, {row[f'{judge}_stage0_g_miou']} through stage 0's G, "
+                  f"{row[f'{judge}_stage1_g_miou']} through stage 1's G", flush=True)
+        rows.append(row)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, STYLE_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def main(argv=None):
@@ -118,10 +240,12 @@ def main(argv=None):
             print(f"ablation: {row} seed {seed}: final {result['final_miou']}, best {result['best_miou']} "
                   f"({result['wall_s']} s)", flush=True)
             runs.append(result)
+            runs.sort(key=lambda r: (list(ROWS).index(r["row"]), int(r["seed"])))
             with open(runs_path, "w", newline="") as f:
                 writer = csv.DictWriter(f, RUN_FIELDS)
                 writer.writeheader()
                 writer.writerows(runs)
+    _stylization_table(work_root, args.seeds, out)
     summary = summarize(runs)
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(summary[0]))

@@ -142,6 +142,11 @@ def ssim(a, b, window=11, sigma=1.5):
     return score.mean(dim=(1, 2, 3))
 
 
+def structure_similarity(rgb_a, rgb_b):
+    """Per-pair SSIM of the grey levels of two (B, 3, H, W) RGB batches in [0, 1]."""
+    return ssim(_grey(rgb_a), _grey(rgb_b))
+
+
 def colour_statistics(rgb):
     """Per-image channel means and standard deviations, (B, 6), in [0, 1] units."""
     return torch.cat([rgb.mean(dim=(2, 3)), rgb.std(dim=(2, 3))], dim=1)
@@ -159,7 +164,7 @@ def stylization_scores(style, x_s, x_t, mean, std):
     source, stylized, target = (_unit_rgb(x, mean, std) for x in (x_s, fake, x_t))
     target_stats = colour_statistics(target).mean(0)
     return {
-        "style/structure_ssim": float(ssim(_grey(source), _grey(stylized)).mean()),
+        "style/structure_ssim": float(structure_similarity(source, stylized).mean()),
         "style/appearance_dist": float(255 * (colour_statistics(stylized) - target_stats).norm(dim=1).mean()),
         "style/appearance_dist_source": float(255 * (colour_statistics(source) - target_stats).norm(dim=1).mean()),
     }

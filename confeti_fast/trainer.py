@@ -146,7 +146,8 @@ class Trainer:
             self.log.add(self.step(batch, batch["t"]))
             self.t = batch["t"] + 1
             if self.log.due(self.t, self.max_iters):
-                means = self.log.flush(self.t, self.optimizer.param_groups[0]["lr"])
+                trained = self.style.opt_G if self.stage == 0 else self.optimizer  # stage 0 trains CUT alone
+                means = self.log.flush(self.t, trained.param_groups[0]["lr"])
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("src_ce", "mix_ce", "q")})
             bar.update(1)
             if self.t % self.cfg["evaluation"]["interval"] == 0 or self.t == self.max_iters:

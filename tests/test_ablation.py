@@ -1,5 +1,6 @@
 """The ablation driver: resumable runs, mean and spread per row, the chart."""
 import csv
+import shutil
 
 import pytest
 
@@ -34,3 +35,62 @@ def test_stage2_mious_reads_final_and_best(tmp_path):
     log.parent.mkdir()
     log.write_text('{"iter": 10, "loss/src_ce": 1.0}\n{"iter": 10, "mIoU": 12.5}\n{"iter": 20, "mIoU": 11.0}\n')
     assert ablation._stage2_mious(tmp_path) == (11.0, 12.5)
+
+
+def _tiny_runs(tmp_path):
+    """The ablation's layout with 4-iteration runs: source_only/seed0/stage2 and full/seed0/stage0, 1."""
+    from confeti_fast.trainer import Trainer
+    from helpers import tiny_config
+
+    work = tmp_path / "work"
+    Trainer(tiny_config(tmp_path / "data_s", base="source_only"), 2, work / "source_only" / "seed0",
+            progress=False).train()
+    # the oracle judge: any segmentor run will do for the wiring (the real one trains on target labels)
+    shutil.copytree(work / "source_only", work / "oracle")
+    cfg = tiny_config(tmp_path / "data_f", cut=True)
+    for stage in (0, 1):
+        Trainer(cfg, stage, work / "full" / "seed0", progress=False).train()
+    return work
+
+
+def test_stylization_check_judges_g_with_the_source_only_segmentor(tmp_path, monkeypatch):
+    work = _tiny_runs(tmp_path)
+    picture = tmp_path / "stylization.png"
+    row = ablation.stylization_check(work, 0, count=2, picture=picture)
+    assert set(row) == set(ablation.STYLE_FIELDS) and row["images"] == 2
+    assert all(0 <= float(row[f"{judge}_{view}_miou"]) <= 100 for judge in ablation.JUDGES for view in ablation.VIEWS)
+    assert all(0 < float(row[f"stage{s}_g_ssim"]) < 0.999 for s in (0, 1))  # a 4-iteration G changes the image
+    from PIL import Image
+    width, height = Image.open(picture).size  # 3 x 2 tiles of the 320x180 demo image, enlarged to >= 256 px
+    assert width == 3 * 640 and height == 2 * (360 + 14)
+
+    # with G replaced by the identity, every view is the plain image: the same mIoU, SSIM 1
+    monkeypatch.setattr(ablation, "_stylize", lambda style, image: image)
+    same = ablation.stylization_check(work, 0, count=2)
+    for judge in ablation.JUDGES:
+        plain = row[f"{judge}_plain_miou"]
+        assert same[f"{judge}_plain_miou"] == same[f"{judge}_stage0_g_miou"] == same[f"{judge}_stage1_g_miou"] == plain
+    assert same["stage0_g_ssim"] == same["stage1_g_ssim"] == "1.000"
+
+
+def test_stylization_table_waits_for_both_runs_and_keeps_written_seeds(tmp_path, monkeypatch):
+    calls = []
+    def fake_check(work, seed, picture=None):
+        calls.append(seed)
+        return dict.fromkeys(ablation.STYLE_FIELDS, seed)
+
+    monkeypatch.setattr(ablation, "stylization_check", fake_check)
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    for seed in (0, 1):
+        for path in (work / "source_only" / f"seed{seed}" / "stage2", work / "oracle" / f"seed{seed}" / "stage2",
+                     work / "full" / f"seed{seed}" / "stage1"):
+            path.mkdir(parents=True)
+            if seed == 0 or "full" not in str(path):
+                (path / "last.pth").touch()
+    ablation._stylization_table(work, [0, 1], out)  # seed 1 has no full run yet
+    (work / "full" / "seed1" / "stage1" / "last.pth").touch()
+    ablation._stylization_table(work, [0, 1], out)  # seed 0 is not checked again
+    assert calls == [0, 1]
+    with open(out / "stylization.csv") as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1"]

@@ -156,6 +156,8 @@ def test_evaluations_log_the_stylization_scores(tmp_path):
     trainer = Trainer(cfg, 0, tmp_path / "run", progress=False)
     trainer.train()
     records = [json.loads(line) for line in (tmp_path / "run" / "stage0" / "log.jsonl").read_text().splitlines()]
+    # stage 0 trains CUT alone, so its log carries CUT's rate, not the idle segmentor's
+    assert {r["lr"] for r in records if "lr" in r} == {cfg["cut"]["lr"]}
     scores = [r for r in records if "style/structure_ssim" in r]
     assert [r["iter"] for r in scores] == [2, 4]  # at each evaluation (interval 2, 4 iterations)
     for r in scores:
