@@ -18,6 +18,7 @@ import json
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -84,8 +85,8 @@ def plot(summary, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=120)
-    labels = [f"{s['label']}\n(n={s['n']})" for s in summary]
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
+    labels = [textwrap.fill(s["label"], 18) + f"\n(n={s['n']})" for s in summary]
     xs = range(len(summary))
     final = ax.bar([x - 0.2 for x in xs], [s["final_miou_mean"] for s in summary], 0.4,
                    yerr=[s["final_miou_std"] for s in summary], capsize=4, label="final")
