@@ -94,3 +94,13 @@ def test_stylization_table_waits_for_both_runs_and_keeps_written_seeds(tmp_path,
     assert calls == [0, 1]
     with open(out / "stylization.csv") as f:
         assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1"]
+
+
+def test_every_row_is_a_preset_and_the_oracle_trains_on_the_target_train_split():
+    from confeti_fast.config import load_config
+
+    cfgs = {row: load_config(preset) for row, (preset, _) in ablation.ROWS.items()}
+    oracle, demo = cfgs["oracle"], cfgs["full"]
+    assert oracle["method"] == "source_only" and oracle["target"] == demo["target"]
+    assert (oracle["source"]["type"], oracle["source"]["root"]) == ("cityscapes", demo["target"]["root"])
+    assert oracle["stages"]["2"] == demo["stages"]["2"]  # the same stage-2 budget as every row
