@@ -116,13 +116,13 @@ STYLE_FIELDS = ["seed", "images"] + [f"{judge}_{view}_miou" for judge in JUDGES 
     + ["stage0_g_ssim", "stage1_g_ssim"]
 
 
-def _stylizer(stage_dir, device):
-    """The frozen G of a finished stage (its config.py and last.pth)."""
+def _stylizer(stage_dir):
+    """The frozen G of a finished stage (its config.py and last.pth), on the CPU."""
     from .config import load_config
     from .style import StyleTransfer, load_style
 
     cfg = load_config(stage_dir / "config.py")
-    style = StyleTransfer(cfg["cut"], device, cfg["pipeline"]["mean"], cfg["pipeline"]["std"])
+    style = StyleTransfer(cfg["cut"], torch.device("cpu"), cfg["pipeline"]["mean"], cfg["pipeline"]["std"])
     load_style(style, stage_dir / "last.pth", with_optimizers=False)
     style.freeze()
     return style
@@ -170,7 +170,7 @@ def stylization_check(work_root, seed, count=60, picture=None):
 
     full = work_root / "full" / f"seed{seed}"
     judges = {judge: _judge(work_root, judge, seed) for judge in JUDGES}
-    stylizers = {"stage0_g": _stylizer(full / "stage0", "cpu"), "stage1_g": _stylizer(full / "stage1", "cpu")}
+    stylizers = {"stage0_g": _stylizer(full / "stage0"), "stage1_g": _stylizer(full / "stage1")}
     cms = {(judge, view): 0 for judge in JUDGES for view in VIEWS}
     ssims = {view: [] for view in stylizers}
     first = DEFAULT_COUNTS["source"]

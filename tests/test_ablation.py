@@ -38,7 +38,7 @@ def test_stage2_mious_reads_final_and_best(tmp_path):
 
 
 def _tiny_runs(tmp_path):
-    """The ablation's layout with 4-iteration runs: source_only/seed0/stage2 and full/seed0/stage0, 1."""
+    """The ablation's layout with 4-iteration runs: source_only and oracle /seed0/stage2, full/seed0/stage0 and 1."""
     from confeti_fast.trainer import Trainer
     from helpers import tiny_config
 
@@ -53,7 +53,7 @@ def _tiny_runs(tmp_path):
     return work
 
 
-def test_stylization_check_judges_g_with_the_source_only_segmentor(tmp_path, monkeypatch):
+def test_stylization_check_judges_g_with_two_segmentors(tmp_path, monkeypatch):
     work = _tiny_runs(tmp_path)
     picture = tmp_path / "stylization.png"
     row = ablation.stylization_check(work, 0, count=2, picture=picture)
@@ -73,8 +73,9 @@ def test_stylization_check_judges_g_with_the_source_only_segmentor(tmp_path, mon
     assert same["stage0_g_ssim"] == same["stage1_g_ssim"] == "1.000"
 
 
-def test_stylization_table_waits_for_both_runs_and_keeps_written_seeds(tmp_path, monkeypatch):
+def test_stylization_table_waits_for_the_runs_and_keeps_written_seeds(tmp_path, monkeypatch):
     calls = []
+
     def fake_check(work, seed, picture=None):
         calls.append(seed)
         return dict.fromkeys(ablation.STYLE_FIELDS, seed)
