@@ -58,11 +58,11 @@ def kernels(mode):
         _selected = previous
 
 
-def load_fused(module):
-    """(module, None) for `confeti_fast.kernels.<module>` ("contrast", "patch_nce" or
-    "proto_update"), or (None, why) when importing it fails: a missing or broken fused module
-    (not installed, syntax error, ...) counts as missing. (Import statements, not importlib:
-    torch.compile traces through them.)"""
+def load_fused(module, op, available="AVAILABLE", error="LOAD_ERROR"):
+    """(function `op` of `confeti_fast.kernels.<module>`, None), or (None, why it is missing):
+    importing the module failed (not installed, syntax error, ...) or its flag `available` is
+    false, the reason then being its `error`. `module` is "contrast", "patch_nce" or
+    "proto_update". (Import statements, not importlib: torch.compile traces through them.)"""
     try:
         if module == "contrast":
             from ..kernels import contrast as loaded
@@ -73,7 +73,9 @@ def load_fused(module):
     except Exception as exc:
         first_line = (str(exc).splitlines() or [""])[0]
         return None, f"importing it failed: {type(exc).__name__}: {first_line}"
-    return loaded, None
+    if not getattr(loaded, available):
+        return None, getattr(loaded, error)
+    return getattr(loaded, op), None
 
 
 def choose(name, device_type, fused):

@@ -19,10 +19,7 @@ def fused(device_type):
     """(implementation, None) or (None, why it is missing) for tensors on `device_type`."""
     if device_type != "cuda":
         return pixel_proto_contrast_cpu, None
-    module, missing = load_fused("contrast")
-    if module is None:
-        return None, missing
-    return (module.pixel_proto_contrast, None) if module.AVAILABLE else (None, module.LOAD_ERROR)
+    return load_fused("contrast", "pixel_proto_contrast")
 
 
 def implementation(device_type="cpu"):

@@ -13,10 +13,7 @@ def fused(device_type):
     """(implementation, None) or (None, why it is missing) for tensors on `device_type`."""
     if device_type != "cuda":
         return reference.patch_nce, None
-    module, missing = load_fused("patch_nce")
-    if module is None:
-        return None, missing
-    return (module.patch_nce, None) if module.AVAILABLE else (None, module.LOAD_ERROR)
+    return load_fused("patch_nce", "patch_nce")
 
 
 def implementation(device_type="cpu"):

@@ -12,12 +12,9 @@ NAME = "proto_ema_update"
 
 def fused(device_type):
     """(implementation, None) or (None, why it is missing) for tensors on `device_type`."""
-    module, missing = load_fused("proto_update")
-    if module is None:
-        return None, missing
     if device_type == "cuda":
-        return (module.proto_ema_update, None) if module.CUDA_AVAILABLE else (None, module.CUDA_LOAD_ERROR)
-    return (module.proto_ema_update, None) if module.AVAILABLE else (None, module.LOAD_ERROR)
+        return load_fused("proto_update", "proto_ema_update", "CUDA_AVAILABLE", "CUDA_LOAD_ERROR")
+    return load_fused("proto_update", "proto_ema_update")
 
 
 def implementation(device_type="cpu"):
