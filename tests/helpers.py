@@ -5,10 +5,15 @@
 * plain-Python vector arithmetic for the hand-computed op checks;
 * the docs/method.md §1 label tables, typed in;
 * small datasets written in the real GTA5 / Cityscapes / SYNTHIA layouts;
-* a tiny training config on such data, and resume helpers.
+* a tiny training config on such data, and resume helpers;
+* running train.py under the rank check (the multi-process and multi-node tests).
 """
+import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +36,13 @@ DEVICES = [
 FP32 = dict(rtol=1e-5, atol=1e-6)
 BF16_LOSS = dict(rtol=1e-4, atol=1e-5)
 BF16_GRAD_RTOL, BF16_GRAD_ATOL_FRAC = 1e-2, 1e-3
+
+
+def assert_close_bf16_grad(grad, expected):
+    """bf16 gradients: rtol 1e-2, atol 1e-3 of the expected gradient's largest magnitude."""
+    expected = expected.float()
+    torch.testing.assert_close(grad.float(), expected, rtol=BF16_GRAD_RTOL,
+                               atol=BF16_GRAD_ATOL_FRAC * expected.abs().max().item())
 
 
 @pytest.fixture(autouse=True)
@@ -226,3 +238,43 @@ def tiny_eval_run(root, size=(64, 32)):
     checkpoint = root / "work" / "ckpt.pth"
     torch.save({"model": student, "teacher": teacher, "iteration": 10}, checkpoint)
     return config, checkpoint, cfg
+
+
+# ------------------------------------------------------------------ train.py under the rank check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rank_check_env():
+    """The environment of a train.py run whose ranks are compared bit for bit after every step."""
+    env = dict(os.environ, CONFETI_CHECK_RANKS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo picks an interface by hostname otherwise
+    return env
+
+
+def run_ranks(args, procs, cwd):
+    """`python ARGS` (a script and its arguments) under the rank check: `procs` processes under
+    torchrun, or one plain process; asserts that it exits 0 and returns the finished process."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
+        if procs > 1 else [sys.executable]
+    done = subprocess.run(launcher + args, cwd=cwd, env=rank_check_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def stage1_command(cfg_path):
+    """train.py's arguments for stage 1 of the config at `cfg_path` on the CPU (no work dir yet)."""
+    return [str(REPO / "train.py"), "--config", str(cfg_path), "--stage", "1", "--device", "cpu", "--no-progress"]
+
+
+def logged_iters(log):
+    """The iterations of a log.jsonl's loss lines."""
+    return [r["iter"] for r in map(json.loads, log.read_text().splitlines()) if "loss/src_ce" in r]
+
+
+def assert_rank0_wrote_four_steps(out):
+    """A 4-iteration stage's outputs in `out`, written once (by rank 0)."""
+    assert logged_iters(out / "log.jsonl") == [1, 2, 3, 4]
+    assert (out / "last.pth").is_file() and (out / "config.py").is_file()

@@ -90,6 +90,7 @@ def test_stylization_table_waits_for_the_runs_and_keeps_written_seeds(tmp_path, 
             if seed == 0 or "full" not in str(path):
                 (path / "last.pth").touch()
     ablation._stylization_table(work, [0, 1], out)  # seed 1 has no full run yet
+    assert calls == [0]
     (work / "full" / "seed1" / "stage1" / "last.pth").touch()
     ablation._stylization_table(work, [0, 1], out)  # seed 0 is not checked again
     assert calls == [0, 1]

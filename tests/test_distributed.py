@@ -1,36 +1,9 @@
 """Multi-process training with torchrun on the CPU (gloo): identical ranks, resume under another
 world size, and the rank check itself."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from confeti_fast.config import dump_config
-from helpers import tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env():
-    env = dict(os.environ, CONFETI_CHECK_RANKS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo picks an interface by hostname otherwise
-    return env
-
-
-def _run(args, procs, cwd):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
-        if procs > 1 else [sys.executable]
-    done = subprocess.run(launcher + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
-
-
-def _iters(log):
-    return [r["iter"] for r in map(json.loads, log.read_text().splitlines()) if "loss/src_ce" in r]
+from helpers import assert_rank0_wrote_four_steps, logged_iters, run_ranks, stage1_command, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +11,8 @@ def two_rank_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ddp")
     cfg = tiny_config(tmp_path, cut=True)
     dump_config(cfg, tmp_path / "cfg.py")
-    train = [str(ROOT / "train.py"), "--config", str(tmp_path / "cfg.py"), "--stage", "1", "--device", "cpu",
-             "--no-progress"]
-    done = _run(train + ["--work-dir", str(tmp_path / "two")], 2, tmp_path)
+    train = stage1_command(tmp_path / "cfg.py")
+    done = run_ranks(train + ["--work-dir", str(tmp_path / "two")], 2, tmp_path)
     return tmp_path, train, done
 
 
@@ -48,9 +20,7 @@ def test_two_ranks_stay_identical_and_rank0_writes(two_rank_run):
     # CONFETI_CHECK_RANKS=1: every step compares student, teacher, prototypes and CUT across
     # ranks and fails the run on any difference; rc 0 means they matched after every step.
     tmp_path, _, done = two_rank_run
-    out = tmp_path / "two" / "stage1"
-    assert _iters(out / "log.jsonl") == [1, 2, 3, 4]
-    assert (out / "last.pth").is_file() and (out / "config.py").is_file()
+    assert_rank0_wrote_four_steps(tmp_path / "two" / "stage1")
     assert "stage 1: target mIoU" in done.stdout
 
 
@@ -58,9 +28,9 @@ def test_two_ranks_stay_identical_and_rank0_writes(two_rank_run):
 def test_checkpoint_resumes_under_another_world_size(two_rank_run, procs):
     tmp_path, train, _ = two_rank_run
     work = tmp_path / f"resumed{procs}"
-    _run(train + ["--work-dir", str(work), "--resume", str(tmp_path / "two" / "stage1" / "last.pth"),
-                  "--iters", "6"], procs, tmp_path)
-    assert _iters(work / "stage1" / "log.jsonl") == [5, 6]
+    run_ranks(train + ["--work-dir", str(work), "--resume", str(tmp_path / "two" / "stage1" / "last.pth"),
+                       "--iters", "6"], procs, tmp_path)
+    assert logged_iters(work / "stage1" / "log.jsonl") == [5, 6]
 
 
 def test_rank_check_catches_a_difference(tmp_path):
@@ -78,6 +48,6 @@ def test_rank_check_catches_a_difference(tmp_path):
         "except ConfetiError as err:\n"
         "    open(f'caught{ctx.rank}.txt', 'w').write(str(err))\n"
         "distributed.shutdown()\n")
-    _run([str(script)], 2, tmp_path)  # one file per rank: their stdout lines can interleave
+    run_ranks([str(script)], 2, tmp_path)  # one file per rank: their stdout lines can interleave
     for rank in (0, 1):
         assert (tmp_path / f"caught{rank}.txt").read_text() == "iteration 7: ranks hold different differs"

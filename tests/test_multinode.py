@@ -1,36 +1,20 @@
 """Two torchrun agents on this machine as two nodes of one process each, joined by a c10d
 rendezvous on 127.0.0.1: the ranks stay bit-identical (CONFETI_CHECK_RANKS=1 checks every step),
 only rank 0 prints, and the checkpoint resumes under one process."""
-import json
-import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from confeti_fast.config import dump_config
-from helpers import tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env():
-    env = dict(os.environ, CONFETI_CHECK_RANKS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo picks an interface by hostname otherwise
-    return env
-
+from helpers import (assert_rank0_wrote_four_steps, logged_iters, rank_check_env, run_ranks, stage1_command,
+                     tiny_config)
 
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _iters(log):
-    return [r["iter"] for r in map(json.loads, log.read_text().splitlines()) if "loss/src_ce" in r]
 
 
 def _two_nodes(args, cwd):
@@ -44,7 +28,7 @@ def _two_nodes(args, cwd):
                     "--local-addr", "127.0.0.1",
                     # node 0 hosts the rendezvous store; node 1 connects to it
                     "--rdzv-conf", f"is_host={'true' if node_rank == 0 else 'false'}"]
-        nodes.append(subprocess.Popen(launcher + args, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+        nodes.append(subprocess.Popen(launcher + args, cwd=cwd, env=rank_check_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outputs = []
     try:
@@ -74,8 +58,7 @@ def two_node_run(tmp_path_factory):
     cfg["model"]["pretrained"] = str(tmp_path / "r18_v1c.pth")
     dump_config(cfg, tmp_path / "cfg.py")
     Trainer(cfg, 1, tmp_path / "cut", device="cpu", progress=False).save({})  # G/D/F to start from
-    train = [str(ROOT / "train.py"), "--config", str(tmp_path / "cfg.py"), "--stage", "1", "--device", "cpu",
-             "--no-progress"]
+    train = stage1_command(tmp_path / "cfg.py")
     outputs = _two_nodes(train + ["--work-dir", str(tmp_path / "two"), "--resume", "auto",
                                   "--cut-checkpoint", str(tmp_path / "cut" / "stage1" / "last.pth")], tmp_path)
     return tmp_path, train, outputs
@@ -85,9 +68,7 @@ def test_two_nodes_stay_identical_and_rank0_writes(two_node_run):
     # rc 0 under CONFETI_CHECK_RANKS=1: student, teacher, prototypes and CUT matched bit for
     # bit across the two nodes after every step.
     tmp_path, _, _ = two_node_run
-    out = tmp_path / "two" / "stage1"
-    assert _iters(out / "log.jsonl") == [1, 2, 3, 4]
-    assert (out / "last.pth").is_file() and (out / "config.py").is_file()
+    assert_rank0_wrote_four_steps(tmp_path / "two" / "stage1")
 
 
 def test_one_voice(two_node_run):
@@ -103,8 +84,6 @@ def test_one_voice(two_node_run):
 def test_two_node_checkpoint_resumes_under_one_process(two_node_run):
     tmp_path, train, _ = two_node_run
     work = tmp_path / "resumed"
-    done = subprocess.run([sys.executable] + train + ["--work-dir", str(work), "--resume",
-                                                      str(tmp_path / "two" / "stage1" / "last.pth"), "--iters", "6"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert _iters(work / "stage1" / "log.jsonl") == [5, 6]
+    run_ranks(train + ["--work-dir", str(work), "--resume", str(tmp_path / "two" / "stage1" / "last.pth"),
+                       "--iters", "6"], 1, tmp_path)
+    assert logged_iters(work / "stage1" / "log.jsonl") == [5, 6]

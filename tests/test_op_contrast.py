@@ -34,7 +34,7 @@ from confeti_fast.kernels import patch_nce as kp
 from confeti_fast.ops import reference
 from confeti_fast.ops.contrast import pixel_proto_contrast_cpu
 from confeti_fast.ops.sampling import sample_kept_pixels, sample_pixels
-from helpers import BF16_GRAD_ATOL_FRAC, BF16_GRAD_RTOL, BF16_LOSS, DEVICES, FP32, needs_cuda, py_normalize
+from helpers import BF16_LOSS, DEVICES, FP32, assert_close_bf16_grad, needs_cuda, py_normalize
 from helpers import exact_fp32_matmul  # noqa: F401  (autouse fixture)
 
 needs_triton = pytest.mark.skipif(not (kc.AVAILABLE and kp.AVAILABLE),
@@ -516,8 +516,7 @@ def test_contrast_bf16_cuda(channels_last, shape):
     torch.testing.assert_close(ce, rce, **BF16_LOSS)
     torch.testing.assert_close(reg, rreg, **BF16_LOSS)
     assert grad.dtype == torch.bfloat16 == rgrad.dtype
-    torch.testing.assert_close(grad.float(), rgrad.float(), rtol=BF16_GRAD_RTOL,
-                               atol=BF16_GRAD_ATOL_FRAC * rgrad.float().abs().max().item())
+    assert_close_bf16_grad(grad, rgrad)
 
 
 @needs_triton

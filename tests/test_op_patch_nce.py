@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from confeti_fast.kernels import patch_nce as kp
 from confeti_fast.ops import reference
 from confeti_fast.profiling import count_launches
-from helpers import BF16_GRAD_ATOL_FRAC, BF16_GRAD_RTOL, BF16_LOSS, DEVICES, FP32, needs_cuda
+from helpers import (BF16_GRAD_ATOL_FRAC, BF16_GRAD_RTOL, BF16_LOSS, DEVICES, FP32, assert_close_bf16_grad,
+                     needs_cuda)
 from helpers import exact_fp32_matmul  # noqa: F401  (autouse fixture)
 
 needs_triton = pytest.mark.skipif(not kp.AVAILABLE, reason=f"Triton unusable here: {kp.LOAD_ERROR}")
@@ -99,6 +100,16 @@ def run_nce(fn, qs, ks, batch_size, tau=0.07):
     return loss.detach(), [q.grad for q in q_leaves]
 
 
+def assert_nce_matches(qs, ks, batch_size, tau=0.07):
+    """The fused loss and q gradients equal the reference's within FP32; returns the fused loss."""
+    loss, grads = run_nce(kp.patch_nce, qs, ks, batch_size, tau)
+    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, batch_size, tau)
+    torch.testing.assert_close(loss, rloss, **FP32)
+    for g, rg in zip(grads, rgrads):
+        torch.testing.assert_close(g, rg, **FP32)
+    return loss
+
+
 NCE_CASES = {
     "p10_c16_3layers": ([(10, 16)] * 3, 2),
     "p40_c40_2layers_b3": ([(40, 40)] * 2, 3),  # 2 row blocks, C tail of 8
@@ -113,12 +124,8 @@ NCE_CASES = {
 def test_patch_nce_matches_reference(device, name):
     shapes, batch_size = NCE_CASES[name]
     qs, ks = nce_case(device, shapes, batch_size)
-    loss, grads = run_nce(kp.patch_nce, qs, ks, batch_size)
-    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, batch_size)
+    loss = assert_nce_matches(qs, ks, batch_size)
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    torch.testing.assert_close(loss, rloss, **FP32)
-    for g, rg in zip(grads, rgrads):
-        torch.testing.assert_close(g, rg, **FP32)
 
 
 @needs_triton
@@ -127,11 +134,7 @@ def test_patch_nce_other_tau_and_unnormalized_q(device):
     # q is used as given (no renormalization), exactly like the reference.
     qs, ks = nce_case(device, [(10, 16)] * 2, 2)
     qs = [3.0 * q for q in qs]
-    loss, grads = run_nce(kp.patch_nce, qs, ks, 2, tau=0.2)
-    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, 2, tau=0.2)
-    torch.testing.assert_close(loss, rloss, **FP32)
-    for g, rg in zip(grads, rgrads):
-        torch.testing.assert_close(g, rg, **FP32)
+    assert_nce_matches(qs, ks, 2, tau=0.2)
 
 
 @needs_triton
@@ -171,19 +174,13 @@ def test_patch_nce_bf16_cuda(shapes):
     torch.testing.assert_close(loss, rloss, **BF16_LOSS)
     for g, rg in zip(grads, rgrads):
         assert g.dtype == torch.bfloat16 == rg.dtype
-        torch.testing.assert_close(g.float(), rg.float(), rtol=BF16_GRAD_RTOL,
-                                   atol=BF16_GRAD_ATOL_FRAC * rg.float().abs().max().item())
+        assert_close_bf16_grad(g, rg)
 
 
 @needs_triton
 @needs_cuda
 def test_patch_nce_training_size_fp32_cuda():
-    qs, ks = nce_case("cuda", [(256, 256)] * 5, 2)
-    loss, grads = run_nce(kp.patch_nce, qs, ks, 2)
-    rloss, rgrads = run_nce(reference.patch_nce, qs, ks, 2)
-    torch.testing.assert_close(loss, rloss, **FP32)
-    for g, rg in zip(grads, rgrads):
-        torch.testing.assert_close(g, rg, **FP32)
+    assert_nce_matches(*nce_case("cuda", [(256, 256)] * 5, 2), 2)
 
 
 @needs_triton
@@ -255,6 +252,7 @@ def test_patch_nce_mixed_dtypes_and_strides():
     for i, (g, rg) in enumerate(zip(grads, rgrads)):
         assert g.dtype == qs[i].dtype == rg.dtype and g.shape == qs[i].shape
         if i == 1:
+            # the bf16 layer: atol from the unscaled reference gradient
             torch.testing.assert_close(g.float(), grad_out * rg.float(), rtol=BF16_GRAD_RTOL,
                                        atol=BF16_GRAD_ATOL_FRAC * rg.float().abs().max().item())
         else:
