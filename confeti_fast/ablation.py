@@ -43,11 +43,18 @@ def _stage2_mious(work_dir):
     return mious[-1], max(mious)
 
 
-def _read_runs(path):
+def _read_csv(path):
     if not path.is_file():
         return []
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def _write_csv(path, fields, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def run_row(row, seed, work_root, repo):
@@ -203,7 +210,7 @@ def _stylization_table(work_root, seeds, out):
     """OUT/stylization.csv (one row per seed whose source-only, oracle and full runs are there,
     kept once written) and OUT/stylization.png (the first such seed's picture)."""
     path = out / "stylization.csv"
-    rows = _read_runs(path)
+    rows = _read_csv(path)
     for seed in seeds:
         if any(int(r["seed"]) == seed for r in rows) or not _stylization_ready(work_root, seed):
             continue
@@ -213,10 +220,7 @@ def _stylization_table(work_root, seeds, out):
                   f"{row[f'{judge}_plain_miou']} plain, {row[f'{judge}_stage0_g_miou']} through stage 0's G, "
                   f"{row[f'{judge}_stage1_g_miou']} through stage 1's G", flush=True)
         rows.append(row)
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, STYLE_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_csv(path, STYLE_FIELDS, rows)
 
 
 def main(argv=None):
@@ -231,7 +235,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     work_root.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.csv"
-    runs = _read_runs(runs_path)
+    runs = _read_csv(runs_path)
     for row in args.rows:
         for seed in args.seeds:
             if any(r["row"] == row and int(r["seed"]) == seed for r in runs):
@@ -242,16 +246,10 @@ def main(argv=None):
                   f"({result['wall_s']} s)", flush=True)
             runs.append(result)
             runs.sort(key=lambda r: (list(ROWS).index(r["row"]), int(r["seed"])))
-            with open(runs_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, RUN_FIELDS)
-                writer.writeheader()
-                writer.writerows(runs)
+            _write_csv(runs_path, RUN_FIELDS, runs)
     _stylization_table(work_root, args.seeds, out)
     summary = summarize(runs)
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    _write_csv(out / "summary.csv", list(summary[0]), summary)
     plot(summary, out / "ablation.png")
     for s in summary:
         print(f"{s['label']:32s} final {s['final_miou_mean']:.2f} ± {s['final_miou_std']:.2f}   "
