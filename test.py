@@ -34,11 +34,6 @@ def parse_args(argv=None):
     parser.add_argument("checkpoint", nargs="?", default=None, help="checkpoint file written by training")
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate a randomly initialised model instead of a checkpoint (a smoke check)")
-    parser.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead of the student")
-    parser.add_argument("--mode", choices=("whole", "slide"), default=None,
-                        help="inference mode (default: the config's evaluation.mode)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: cuda when available, else cpu")
     parser.add_argument("--show-dir", type=Path, default=None,
                         help="write side-by-side PNGs (image, prediction, ground truth) here")
     parser.add_argument("--label-id-dir", type=Path, default=None,
@@ -49,14 +44,13 @@ def parse_args(argv=None):
     parser.add_argument("--kernels", choices=("fused", "reference"), default=None,
                         help="fused kernels or the plain-PyTorch reference ops, as in train.py "
                              "(default: $CONFETI_KERNELS or fused); inference itself runs none of them")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--images", nargs="+", default=None, metavar="PATH",
                         help="segment these image files / folders (any size, no dataset layout) instead of "
                              "evaluating the val split; writes overlay/ and labelIds/ under --out")
     parser.add_argument("--out", type=Path, default=None, help="with --images: output folder (default: predictions)")
     from confeti_fast.predict import add_inference_arguments
 
-    add_inference_arguments(parser, images=False)  # --eval-scale, --cfg-options
+    add_inference_arguments(parser, images=False)  # --teacher, --mode, --device, --no-progress, --eval-scale, ...
     return parser.parse_args(argv)
 
 

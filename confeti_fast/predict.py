@@ -184,16 +184,16 @@ def parse_args(argv=None):
 
 
 def add_inference_arguments(parser, images=True):
-    """The options predict.py shares with test.py."""
+    """The options predict.py shares with test.py (`images`: predict.py's --out too)."""
     if images:
         parser.add_argument("--out", type=Path, default=Path("predictions"),
                             help="output folder (default: predictions): overlay/ and labelIds/")
-        parser.add_argument("--teacher", action="store_true", help="the EMA teacher instead of the student")
-        parser.add_argument("--mode", choices=("whole", "slide"), default=None,
-                            help="inference mode (default: the config's evaluation.mode)")
-        parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                            help="default: cuda when available, else cpu")
-        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--teacher", action="store_true", help="the EMA teacher instead of the student")
+    parser.add_argument("--mode", choices=("whole", "slide"), default=None,
+                        help="inference mode (default: the config's evaluation.mode)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--eval-scale", nargs="+", default=None, metavar="N",
                         help="W H: the inference scale (width height, keep ratio), e.g. 1280 640; "
                              "or 'full': the full resolution (default: the config's evaluation.scale)")
