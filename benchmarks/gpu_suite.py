@@ -838,6 +838,12 @@ def dynamo_delta(before, after):
 
 
 def step_train(ctx, stage):
+    """The training step of `stage`: its data and work dirs live in a temporary folder, removed after."""
+    with tempfile.TemporaryDirectory(prefix=f"gpu_suite_stage{stage}.") as data:
+        _step_train(ctx, stage, Path(data))
+
+
+def _step_train(ctx, stage, data):
     import gc
 
     import torch
@@ -854,7 +860,6 @@ def step_train(ctx, stage):
     # dry run: the CUDA defaults but CUDA graphs (compile "default"; aot_eager, see _dry_run_compile)
     runtime = ({"amp": "bf16", "channels_last": True, "compile": "default", "fused_optimizer": True,
                 "check_finite": "log"} if ctx.dry else None)
-    data = Path(tempfile.mkdtemp(prefix=f"gpu_suite_stage{stage}."))
     cfg = tc.config(size, data / "data")
     batch = tc.synthetic_batch(cfg, stage, torch.Generator().manual_seed(0))
     crop = cfg["stages"][str(stage)]["crop_size"]
