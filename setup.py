@@ -70,6 +70,7 @@ setup(
     packages=[
         "confeti_fast",
         "confeti_fast.data",
+        "confeti_fast.data.demo",
         "confeti_fast.models",
         "confeti_fast.ops",
         "confeti_fast.kernels",

@@ -252,7 +252,7 @@ def test_ensure_demo_generates_only_when_missing_or_incomplete(tmp_path):
 
 def test_interrupted_generation_is_redone(tmp_path, monkeypatch):
     root = tmp_path / "demo"
-    real_write, calls = demo._write, []
+    real_write, calls = demo.files._write, []  # patched where generate_demo looks it up
 
     def failing_write(*args):
         calls.append(args)
@@ -260,11 +260,11 @@ def test_interrupted_generation_is_redone(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_write(*args)
 
-    monkeypatch.setattr(demo, "_write", failing_write)
+    monkeypatch.setattr(demo.files, "_write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         demo.generate_demo(root, counts=TINY, progress=False, workers=1)
     assert not (root / ".complete").exists()
-    monkeypatch.setattr(demo, "_write", real_write)
+    monkeypatch.setattr(demo.files, "_write", real_write)
 
     demo.ensure_demo(root, counts=TINY, progress=False)
     assert (root / ".complete").is_file()
@@ -285,7 +285,7 @@ def test_refuses_to_overwrite_foreign_data_and_bad_counts(tmp_path):
 
 
 def test_command_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "DEFAULT_COUNTS", dict(TINY))
+    monkeypatch.setattr(demo.files, "DEFAULT_COUNTS", dict(TINY))
     root = tmp_path / "demo"
     assert demo.main(["--root", str(root), "--quiet"]) == 0
     assert "4 images" in capsys.readouterr().out
