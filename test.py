@@ -101,8 +101,9 @@ def main(argv=None):
 
     from confeti_fast import ops
     from confeti_fast.data.datasets import build_dataset
-    from confeti_fast.evaluation import describe_protocol, evaluate, format_table
-    from confeti_fast.predict import collect_images, load_model, resolve_device, run
+    from confeti_fast.evaluation import describe_protocol, evaluate, format_table, resolve_mode
+    from confeti_fast.predict import collect_images, load_model, run
+    from confeti_fast.runtime import resolve_device
 
     ops.set_kernels(args.kernels)
     if args.images is not None:
@@ -110,13 +111,13 @@ def main(argv=None):
         return run(cfg, args.checkpoint, args.images, args.out or Path("predictions"), teacher=args.teacher,
                    mode=args.mode, device=args.device, progress=not args.no_progress)
 
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     model, ckpt = load_model(cfg, args.checkpoint, args.teacher, device)
     if args.random_init:
         args.checkpoint = "a randomly initialised model"
 
     dataset = build_dataset(cfg["target"], "val")
-    mode = args.mode or cfg["evaluation"].get("mode", "whole")
+    mode = resolve_mode(cfg, args.mode)
     weights = "teacher" if args.teacher else "student"
     iteration = ckpt.get("iteration")
     at = f" at iteration {iteration}" if isinstance(iteration, int) else ""

@@ -68,21 +68,29 @@ class Context:
             offset += g.numel()
 
     def broadcast_buffers(self, *modules):
-        """Rank 0's buffers (BN running statistics) to every rank."""
+        """Rank 0's buffers (BN running statistics and step counters) to every rank, in one
+        collective: all of them flattened into one float64 tensor, which holds float32 values and
+        the int64 counters (far below 2^53) exactly."""
         if not self.enabled:
             return
-        for module in modules:
-            for buffer in module.buffers():
-                dist.broadcast(buffer, 0)
+        buffers = [buffer for module in modules for buffer in module.buffers()]
+        if not buffers:
+            return
+        flat = torch.cat([buffer.reshape(-1).double() for buffer in buffers])
+        dist.broadcast(flat, 0)
+        for buffer, chunk in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.copy_(chunk.view_as(buffer))
 
-    def after_step(self, t, student, teacher, prototypes, counts, style):
+    def after_step(self, t, nets):
         """Rank 0's BN statistics to every rank, and with CONFETI_CHECK_RANKS=1 the check that all
         ranks hold the same student, teacher, prototypes and style transfer after iteration t."""
-        self.broadcast_buffers(student, teacher)
+        self.broadcast_buffers(nets.student, nets.teacher)
         if self.check_ranks:
+            style = nets.style
             self.assert_identical({
-                "student": list(student.state_dict().values()), "teacher": list(teacher.state_dict().values()),
-                "prototypes": [prototypes, counts],
+                "student": list(nets.student.state_dict().values()),
+                "teacher": list(nets.teacher.state_dict().values()),
+                "prototypes": [nets.prototypes, nets.proto_counts],
                 "style": [] if style is None else [p for net in style.modules().values() for p in net.parameters()],
             }, t)
 
@@ -90,7 +98,8 @@ class Context:
         """True on every rank when `flag` is True on any rank (so all ranks stop together)."""
         if not self.enabled:
             return bool(flag)
-        value = torch.tensor([1.0 if flag else 0.0])
+        device = f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu"  # NCCL takes GPU tensors only
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 

@@ -14,8 +14,13 @@ def run_cli(main, argv=None):
     """Run a CLI entry point, turning ConfetiError into `error: ...` and exit status 2."""
     import sys
 
+    from .preemption import StopRequested
+
     try:
         return main(argv)
     except ConfetiError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except StopRequested as stop:  # a preemption: the state is saved, the run can go on later
+        print(stop, file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code) from None

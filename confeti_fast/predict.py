@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from .errors import ConfetiError
+from .serialization import checkpoint_kind, read_mmcv_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -30,13 +31,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 def load_checkpoint(path):
     """The checkpoint dict at `path`, read with weights_only=True; ConfetiError otherwise.
     The authors' mmseg-format checkpoints are converted to our layout on the way."""
-    from .models.interop import convert_mmseg_checkpoint, is_mmseg_checkpoint, read_mmcv_checkpoint
+    from .models.interop import convert_mmseg_checkpoint
 
     ckpt = read_mmcv_checkpoint(path, "checkpoint")
     if not isinstance(ckpt, dict):
         raise ConfetiError(f"checkpoint {path} must hold a dict with the weights under 'model', "
                            f"found {type(ckpt).__name__}")
-    if is_mmseg_checkpoint(ckpt):
+    if checkpoint_kind(ckpt) == "mmseg":
         ckpt = convert_mmseg_checkpoint(ckpt, f"authors' checkpoint {path}")
     return ckpt
 
@@ -75,15 +76,6 @@ def load_model(cfg, checkpoint=None, teacher=False, device="cpu"):
         key, weights = select_weights(ckpt, checkpoint, teacher)
         load_model_weights(model, weights, f"{checkpoint} ['{key}']")
     return model.to(device), ckpt
-
-
-def resolve_device(device):
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfetiError("--device cuda: no CUDA device is available (use --device cpu)")
-    return device
 
 
 # --------------------------------------------------------------------------------------
@@ -137,12 +129,12 @@ def predict_images(model, images, cfg, out_dir, device="cpu", mode=None, progres
 
     from .data.io import read_rgb
     from .data.labels import train_ids_to_label_ids
-    from .evaluation import eval_mode, overlay_image, predict_logits, write_png
+    from .evaluation import eval_mode, overlay_image, predict_logits, resolve_mode, write_png
 
     out_dir = Path(out_dir)
     folders = {"overlay": out_dir / "overlay", "labelIds": out_dir / "labelIds"}
     with eval_mode(model):
-        for path, name in tqdm(images, desc=f"predict ({mode or cfg['evaluation'].get('mode', 'whole')})",
+        for path, name in tqdm(images, desc=f"predict ({resolve_mode(cfg, mode)})",
                                unit="img", disable=not progress, dynamic_ncols=True):
             image = read_rgb(path)
             logits = predict_logits(model, image, cfg, device, mode, autocast_dtype=autocast_dtype)
@@ -155,11 +147,12 @@ def predict_images(model, images, cfg, out_dir, device="cpu", mode=None, progres
 def run(cfg, checkpoint, paths, out_dir, teacher=False, mode=None, device=None, progress=True):
     """The command: check the inputs, load the weights, segment, print where the outputs are."""
     from .evaluation import EVAL_MODES, describe_protocol
+    from .runtime import resolve_device
 
     images = collect_images(paths)  # bad inputs fail before the model loads
     if mode is not None and mode not in EVAL_MODES:
         raise ConfetiError(f"--mode must be one of {EVAL_MODES}, got {mode!r}")
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     model, ckpt = load_model(cfg, checkpoint, teacher, device)
     iteration = ckpt.get("iteration")
     at = f" at iteration {iteration}" if isinstance(iteration, int) else ""
@@ -185,11 +178,13 @@ def parse_args(argv=None):
 
 def add_inference_arguments(parser, images=True):
     """The options predict.py shares with test.py (`images`: predict.py's --out too)."""
+    from .config import EVAL_MODES  # the config package imports no torch: --help stays quick
+
     if images:
         parser.add_argument("--out", type=Path, default=Path("predictions"),
                             help="output folder (default: predictions): overlay/ and labelIds/")
     parser.add_argument("--teacher", action="store_true", help="the EMA teacher instead of the student")
-    parser.add_argument("--mode", choices=("whole", "slide"), default=None,
+    parser.add_argument("--mode", choices=EVAL_MODES, default=None,
                         help="inference mode (default: the config's evaluation.mode)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")

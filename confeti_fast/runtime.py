@@ -16,6 +16,7 @@ import types
 import torch
 
 from .config import RUNTIME_CHOICES
+from .errors import ConfetiError
 
 DEFAULTS = {
     "cpu": {"amp": "fp32", "channels_last": False, "compile": None, "fused_optimizer": False, "check_finite": "step",
@@ -25,13 +26,37 @@ DEFAULTS = {
 }
 
 
-def resolve(runtime, device_type):
+def resolve_device(device=None):
+    """The torch.device to run on: `device` ("cpu", "cuda" or None: CUDA when usable), or one
+    line saying what was found and what to pass instead."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            found = f"this torch ({torch.__version__}) is a CPU-only build"
+        else:
+            found = f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU or driver"
+        raise ConfetiError(f"--device cuda: {found}; pass --device cpu (or leave --device out)")
+    return device
+
+
+def check_precision(runtime, device):
+    """bf16 on a GPU that has no bf16 arithmetic (before Ampere) fails inside the first
+    kernel; say so at the start instead."""
+    if runtime["amp"] == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise ConfetiError(f"runtime.amp bf16: {name} has no bf16 support; pass --amp fp32 "
+                           f"(or --cfg-options runtime.amp=fp32)")
+
+
+def resolve(runtime, device_type, announce=True):
     """The `runtime` config section (validated by config.py) with every "auto" or missing
-    choice replaced by the device's default."""
+    choice replaced by the device's default. `announce`: print the notes (rank 0 only)."""
     runtime = runtime or {}
     defaults = DEFAULTS["cuda" if device_type == "cuda" else "cpu"]
     resolved = {key: defaults[key] if runtime.get(key, "auto") == "auto" else runtime[key] for key in RUNTIME_CHOICES}
-    if resolved["amp"] == "bf16" and device_type == "cpu":
+    if resolved["amp"] == "bf16" and device_type == "cpu" and announce:
         print("note: bf16 autocast on a CPU without bf16 units is much slower than fp32", flush=True)
     return resolved
 

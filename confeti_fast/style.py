@@ -3,19 +3,24 @@
 Images cross between the segmentor's ImageNet normalization and CUT's [-1, 1] range through
 `imagenet_to_cut` / `cut_to_imagenet` only, so the conversion is exact and in one place.
 """
+from pathlib import Path
+
 import torch
 
 from . import ops
+from .data.normalization import denormalize
+from .errors import ConfetiError
 from .models.cut import NCE_LAYERS, build_cut, cut_to_imagenet, imagenet_to_cut, lsgan_loss
+from .models.interop import fit_cut_state_dict
+from .models.weights import load_model_weights
+from .serialization import checkpoint_kind, read_checkpoint
 
 
 class StyleTransfer:
-    def __init__(self, cut_cfg, device, mean, std, fused=False, grad_sync=None, prepare=None):
-        """`grad_sync(params)` runs before each optimizer step (multi-GPU: averages the
-        gradients over ranks); `prepare(x)` gives every image that G or D sees the run's memory
-        format (one format per compiled module input)."""
+    def __init__(self, cut_cfg, device, mean, std, fused=False, prepare=None):
+        """`prepare(x)` gives every image that G or D sees the run's memory format (one format
+        per compiled module input)."""
         self.cfg, self.mean, self.std = cut_cfg, mean, std
-        self.grad_sync = grad_sync or (lambda params: None)
         self.prepare = prepare or (lambda x: x)
         nets = build_cut(cut_cfg["ngf"], cut_cfg["ndf"], cut_cfg["n_blocks"], cut_cfg["nce_dim"],
                          cut_cfg["num_patches"])
@@ -39,6 +44,10 @@ class StyleTransfer:
     def to_imagenet(self, x):
         return cut_to_imagenet(x, self.mean, self.std)
 
+    def translate(self, x):
+        """x_st = G(x_s) for a segmentor-normalized image, returned in the same normalization."""
+        return self.to_imagenet(self.stylize(self.to_cut(x)))
+
     def freeze(self):
         """Stage 2: G runs in eval mode without gradients."""
         for net in self.modules().values():
@@ -53,34 +62,18 @@ class StyleTransfer:
         queries, _ = self.F(self.G(fake, nce_layers=NCE_LAYERS), patch_ids=ids)
         return ops.patch_nce(queries, keys, real.shape[0], tau=self.cfg["nce_tau"])
 
-    def d_step(self, real_target, fake, check):
-        """D update with LSGAN: 0.5 [(D(x_t) - 1)^2 + D(G(x_s).detach())^2]. `check` sees the loss
-        before any update (the trainer's non-finite guard)."""
-        self.D.requires_grad_(True)
-        self.opt_D.zero_grad(set_to_none=True)
-        loss = 0.5 * (lsgan_loss(self.D(real_target), True) + lsgan_loss(self.D(fake.detach()), False))
-        check({"cut_d": loss})
-        loss.backward()
-        self.grad_sync(list(self.D.parameters()))
-        self.opt_D.step()
-        self.opt_D.zero_grad(set_to_none=True)  # released at once (see Trainer._optimizer_step)
-        return loss.detach()
+    def d_loss(self, real_target, fake):
+        """D's LSGAN loss: 0.5 [(D(x_t) - 1)^2 + D(G(x_s).detach())^2]."""
+        return 0.5 * (lsgan_loss(self.D(real_target), True) + lsgan_loss(self.D(fake.detach()), False))
 
-    def g_step(self, real_source, fake, real_target, identity, gen, check, consistency=None):
-        """G and F update: LSGAN(D(G(x_s)), 1) + 0.5 [NCE(x_s, G(x_s)) + NCE(x_t, G(x_t))], plus the
-        consistency loss of step 6, whose backward runs here because it shares G's graph (its
-        reg_proj gradient waits for the segmentor's step)."""
+    def g_losses(self, real_source, fake, real_target, identity, gen):
+        """G and F's losses: LSGAN(D(G(x_s)), 1) and 0.5 [NCE(x_s, G(x_s)) + NCE(x_t, G(x_t))].
+        D is built into the graph without gradients, so their backward leaves D alone."""
         self.D.requires_grad_(False)
-        self.opt_G.zero_grad(set_to_none=True)
         gan = lsgan_loss(self.D(fake), True)
-        nce = 0.5 * (self.nce(real_source, fake, gen) + self.nce(real_target, identity, gen))
-        check({"cut_gan": gan, "cut_nce": nce})
-        (gan + nce + (0.0 if consistency is None else consistency)).backward()
-        self.grad_sync(list(self.G.parameters()) + list(self.F.parameters()))
-        self.opt_G.step()
-        self.opt_G.zero_grad(set_to_none=True)
         self.D.requires_grad_(True)
-        return {"cut_gan": gan.detach(), "cut_nce": nce.detach()}
+        nce = 0.5 * (self.nce(real_source, fake, gen) + self.nce(real_target, identity, gen))
+        return {"cut_gan": gan, "cut_nce": nce}
 
     def state_dict(self):
         state = {name: net.state_dict() for name, net in self.modules().items()}
@@ -88,8 +81,6 @@ class StyleTransfer:
         return state
 
     def load_state_dict(self, state, what, with_optimizers=True):
-        from .models import load_model_weights
-
         for name, net in self.modules().items():
             load_model_weights(net, state[name], f"{what} [style.{name}]")
         if with_optimizers:
@@ -99,25 +90,29 @@ class StyleTransfer:
 
 def load_style(style, path, with_optimizers=True):
     """Fill `style` from a confeti_fast training checkpoint (its 'style' entry: G, D, F and, with
-    `with_optimizers`, their Adam states) or from an original CUT `latest_net_G.pth` (G only)."""
-    from .checkpoint import read_checkpoint
-    from .errors import ConfetiError
-    from .models.interop import load_cut_state_dict
-
+    `with_optimizers`, their Adam states) or from an original CUT `latest_net_G.pth`, with the
+    `latest_net_D.pth` and `latest_net_F.pth` beside it when they are there. Returns the names
+    of the networks it loaded (the rest keep their random init)."""
+    path = Path(path)
     ckpt = read_checkpoint(path, "style-transfer checkpoint")
-    if isinstance(ckpt, dict) and "format" in ckpt:
+    kind = checkpoint_kind(ckpt)
+    if kind == "training":
         if not ckpt.get("style"):
             raise ConfetiError(f"checkpoint {path} holds no style transfer (trained without CUT?)")
         style.load_state_dict(ckpt["style"], str(path), with_optimizers)
-    else:
-        load_cut_state_dict(style.G, path, "CUT generator")
-
-
-def _unit_rgb(x, mean, std):
-    """Segmentor-normalized (B, 3, H, W) -> RGB in [0, 1], float32."""
-    mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1)
-    return ((x.float() * std + mean) / 255.0).clamp(0, 1)
+        return ["G", "D", "F"]
+    if kind == "mmseg":
+        raise ConfetiError(f"checkpoint {path} is an authors' segmentation checkpoint, which holds no CUT "
+                           f"networks; pass CUT's latest_net_G.pth (with latest_net_D/F.pth beside it)")
+    fit_cut_state_dict(style.G, ckpt, path, "CUT generator")
+    loaded = ["G"]
+    if "_net_G" in path.name:  # CUT's BaseModel.save_networks names: <epoch>_net_{G,D,F}.pth
+        for name, what in (("D", "CUT discriminator"), ("F", "CUT patch sampler")):
+            sibling = path.with_name(path.name.replace("_net_G", f"_net_{name}"))
+            if sibling.is_file():
+                fit_cut_state_dict(getattr(style, name), read_checkpoint(sibling, what), sibling, what)
+                loaded.append(name)
+    return loaded
 
 
 def _grey(rgb):
@@ -160,8 +155,8 @@ def stylization_scores(style, x_s, x_t, mean, std):
     appearance_dist: distance of G(x_s)'s per-channel colour means and stds to the target set's
     average ones (0-255 units), and appearance_dist_source the same for x_s itself, the
     distance G has to close."""
-    fake = style.to_imagenet(style.stylize(style.to_cut(x_s)))
-    source, stylized, target = (_unit_rgb(x, mean, std) for x in (x_s, fake, x_t))
+    fake = style.translate(x_s)
+    source, stylized, target = ((denormalize(x.float(), mean, std) / 255.0).clamp(0, 1) for x in (x_s, fake, x_t))
     target_stats = colour_statistics(target).mean(0)
     return {
         "style/structure_ssim": float(structure_similarity(source, stylized).mean()),

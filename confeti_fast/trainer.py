@@ -5,93 +5,84 @@
                         every interval: evaluate, pictures, checkpoint
 
 `t` counts iterations from 0; `Trainer.t` is the next one to run (what a checkpoint stores).
+The trainer owns its state: `state_dict()` is the checkpoint, `load_state_dict()` resumes it
+bit for bit (in the style of torchtitan's Stateful).
 """
-import copy
 import math
+import signal
+import sys
 from pathlib import Path
 
 import torch
 
 from . import distributed, runtime
-from .checkpoint import restore_training_state, save_atomic, training_state
 from .config import dump_config, merge
 from .data.datasets import build_dataset
 from .data.loader import PairedSteps, paired_loader
 from .errors import ConfetiError
-from .evaluation import evaluate
+from .evaluation import evaluate, metric_names
 from .iteration import build_iteration
-from .models.heads import ConfetiNet, reg_proj
+from .models.weights import load_model_weights
+from .networks import build_networks
 from .optim import build_optimizer
-from .style import StyleTransfer, load_style, stylization_scores
+from .preemption import SignalFlag, StopRequested, resume_command
+from .serialization import TRAINING_FORMAT, load_training_checkpoint, save_atomic
+from .style import load_style, stylization_scores
 from .training_log import NonFiniteLoss, TrainingLog  # noqa: F401  (NonFiniteLoss: the run's NaN stop)
 from .visualize import plot_curves, save_iteration_pictures
+
+# Config sections that change how a run executes or reports, not what it computes: a resume
+# may change them without a warning.
+NOT_METHOD_KEYS = ("name", "runtime", "data_loader", "evaluation", "train.log_interval")
 
 
 class Trainer:
     def __init__(self, cfg, stage, work_dir, device=None, resume=None, progress=True, cut_checkpoint=None):
         self.stage, self.progress = stage, progress
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dist = distributed.from_environment(device.type)
-        if self.dist.enabled and device.type == "cuda":
-            device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
-        self.device = device
-        self.runtime = runtime.resolve(cfg.get("runtime"), self.device.type)
+        self._place(device)
+        self.runtime = runtime.resolve(cfg.get("runtime"), self.device.type, announce=self.dist.is_main)
+        runtime.check_precision(self.runtime, self.device)
         runtime.configure_backends(self.runtime, self.device.type)
         self.cfg = cfg = merge(cfg, {"runtime": self.runtime})  # the run's config.py records the choices
         self.work_dir = Path(work_dir) / f"stage{stage}"
         self.max_iters = cfg["stages"][str(stage)]["iters"]
-        tcfg, num_classes = cfg["train"], cfg["num_classes"]
 
-        torch.manual_seed(cfg["seed"])
-        self.student = ConfetiNet(cfg["model"], num_classes, tcfg["proto_dim"],
-                                  verbose=self.dist.is_main).to(self.device)  # the ImageNet load report
-        if self.runtime["sync_bn"] and self.dist.enabled:
-            if self.device.type != "cuda":
-                raise ConfetiError("runtime.sync_bn needs CUDA (torch's SyncBatchNorm); on CPU the ranks "
-                                   "share rank 0's BN statistics after every step instead")
-            self.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-        self.teacher = self._frozen_copy(self.student)
-        self.imnet = self._frozen_copy(self.student.segmentor).eval()
-        self.reg_proj = reg_proj(tcfg["proto_dim"]).to(self.device)
-        self.prototypes = torch.zeros(num_classes, tcfg["proto_dim"], device=self.device)
-        self.proto_counts = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
-        head_ids = {id(p) for m in self.student.head_modules() for p in m.parameters()}
-        self.optimizer = build_optimizer(
-            (p for p in self.student.parameters() if id(p) not in head_ids),
-            [p for m in self.student.head_modules() for p in m.parameters()] + list(self.reg_proj.parameters()),
-            cfg["optimizer"], fused=self.runtime["fused_optimizer"])
-        self.style = self._build_style(cut_checkpoint)
-        # Stage 1's consistency term runs f and h frozen: a copy refreshed from the student each
-        # step (a module of its own, so its compiled backbone never sees swapped weights).
-        self.frozen_student = self._frozen_copy(self.student) if self.style and stage == 1 else None
-        # The backbones hold nearly all the compute: they are what gets compiled.
-        for net in (self.student, self.teacher, self.frozen_student):
-            if net is not None:
-                runtime.prepare_module(net, self.runtime, compiled=net.segmentor.backbone)
-        runtime.prepare_module(self.imnet, self.runtime, compiled=self.imnet.backbone)
+        self.nets = build_networks(cfg, stage, self.device, self.runtime, self.dist)
+        self.optimizer = build_optimizer(*self.nets.trained_parameters(), cfg["optimizer"],
+                                         fused=self.runtime["fused_optimizer"])
+        if self.nets.style is not None:
+            self._start_style_transfer(cut_checkpoint)
+        self.nets.prepare(self.runtime)
+
         self.steps = PairedSteps(cfg, stage, self.dist.rank, self.dist.world_size,
                                  progress=progress and self.dist.is_main)
         self.val_set = build_dataset(cfg["target"], "val")
-        self.log = TrainingLog(self.work_dir / "log.jsonl", tcfg["log_interval"], self.dist,
+        self.log = TrainingLog(self.work_dir / "log.jsonl", cfg["train"]["log_interval"], self.dist,
                                self.runtime["check_finite"] == "step", self.work_dir)
-        self.iteration = build_iteration(self, self.log.check_finite)
+        self.iteration = build_iteration(cfg, stage, self.nets, self.optimizer, self.runtime, self.dist,
+                                         self.max_iters, self.log.check_finite)
+        self.images = {}  # what the last iteration saw, for the pictures
         self._probe = None  # the stylization scores' images, made at the first evaluation
         self.t = 0
         self.best = {"metric": None, "value": -1.0, "iter": None}
         if resume:
-            restore_training_state(self, resume)
+            self.load_state_dict(load_training_checkpoint(resume), resume)
 
-    def _build_style(self, cut_checkpoint):
-        """CUT for the confeti method: trained in stages 0 and 1, frozen in stage 2. Its start:
-        `cut_checkpoint` if given, else stage 0's output (stage 1) or stage 1's (stage 2)."""
-        if self.cfg["method"] != "confeti" or not self.cfg["cut"]["enabled"]:
-            if self.stage == 0:
-                raise ConfetiError("--stage 0 pre-trains the style transfer: it needs method 'confeti' "
-                                   "and cut.enabled True")
-            return None
-        style = StyleTransfer(self.cfg["cut"], self.device, self.cfg["pipeline"]["mean"], self.cfg["pipeline"]["std"],
-                              fused=self.runtime["fused_optimizer"], grad_sync=self.dist.average_gradients,
-                              prepare=lambda x: runtime.prepare_input(x, self.runtime))
+    def _place(self, device):
+        """The device and, under torchrun, this process's rank (one GPU per process)."""
+        device = runtime.resolve_device(device)
+        self.dist = distributed.from_environment(device.type)
+        if self.dist.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+
+    def _say(self, line):
+        if self.dist.is_main:
+            print(line, flush=True)
+
+    def _start_style_transfer(self, cut_checkpoint):
+        """CUT's starting weights: `cut_checkpoint` if given, else stage 0's output (stage 1) or
+        stage 1's (stage 2); trained in stages 0 and 1, frozen in stage 2."""
         source = cut_checkpoint
         if source is None and self.stage > 0:
             previous = self.work_dir.parent / f"stage{self.stage - 1}" / "last.pth"
@@ -106,29 +97,20 @@ class Trainer:
                     f"stage 1 starts from a pre-trained style transfer (docs/method.md §3): no {previous}; run "
                     f"`python train.py --stage 0` with the same --work-dir first, pass --cut-checkpoint PATH, "
                     f"or --cut-random-start")
-            elif self.dist.is_main:
-                print(f"style transfer: no {previous}, G/D/F start from random weights", flush=True)
+            else:
+                self._say(f"style transfer: no {previous}, G/D/F start from random weights")
         if source is not None:
-            load_style(style, source, with_optimizers=False)
-            if self.dist.is_main:
-                print(f"style transfer: G/D/F from {source}", flush=True)
+            loaded = load_style(self.nets.style, source, with_optimizers=False)
+            fresh = [name for name in ("G", "D", "F") if name not in loaded]
+            self._say(f"style transfer: {'/'.join(loaded)} from {source}" +
+                      (f" ({'/'.join(fresh)} from random weights: no file beside it)" if fresh else ""))
         if self.stage == 2:
-            style.freeze()
-        for net in (style.G, style.D):
-            runtime.prepare_module(net, self.runtime)
-        return style
-
-    @staticmethod
-    def _frozen_copy(module):
-        clone = copy.deepcopy(module)
-        for p in clone.parameters():
-            p.requires_grad_(False)
-        return clone
+            self.nets.style.freeze()
 
     def step(self, batch, t):
         """Run iteration t on a loader batch; returns its losses (tensors) by name."""
-        losses = self.iteration(batch, t)
-        self.dist.after_step(t, self.student, self.teacher, self.prototypes, self.proto_counts, self.style)
+        losses, self.images = self.iteration(batch, t)
+        self.dist.after_step(t, self.nets)
         return losses
 
     def train(self):
@@ -142,27 +124,32 @@ class Trainer:
         bar = tqdm(total=self.max_iters, initial=self.t, desc=f"stage {self.stage}", unit="it",
                    disable=not (self.progress and main), dynamic_ncols=True)
         result = None
-        for batch in loader:
-            self.log.add(self.step(batch, batch["t"]))
-            self.t = batch["t"] + 1
-            if self.log.due(self.t, self.max_iters):
-                trained = self.style.opt_G if self.stage == 0 else self.optimizer  # stage 0 trains CUT alone
-                means = self.log.flush(self.t, trained.param_groups[0]["lr"])
-                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("src_ce", "mix_ce", "q")})
-            bar.update(1)
-            if self.t % self.cfg["evaluation"]["interval"] == 0 or self.t == self.max_iters:
-                result = self.evaluate_and_save()
+        with SignalFlag(announce=main) as signals:
+            for batch in loader:
+                # Between iterations: all ranks agree whether a signal came (one collective under torchrun).
+                if self.dist.any(signals.received is not None):
+                    self._stop(signals.received or signal.SIGTERM)
+                self.log.add(self.step(batch, batch["t"]))
+                self.t = batch["t"] + 1
+                if self.log.due(self.t, self.max_iters):
+                    trained = self.nets.style.opt_G if self.stage == 0 else self.optimizer  # stage 0: CUT alone
+                    means = self.log.flush(self.t, trained.param_groups[0]["lr"])
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("src_ce", "mix_ce", "q")})
+                bar.update(1)
+                if self.t % self.cfg["evaluation"]["interval"] == 0 or self.t == self.max_iters:
+                    result = self.evaluate_and_save()
         bar.close()
         if result is None:  # resumed at the end: nothing left to run
             result = self.evaluate()
         if main:
             plot_curves(self.log.path, self.work_dir / "curves.png")
+        self.log.close()
         return result
 
     def evaluate(self):
         if self.stage == 0:  # CUT alone: no segmentor to evaluate
             return {}
-        return evaluate(self.student.segmentor, self.val_set, self.cfg, device=self.device, progress=False,
+        return evaluate(self.nets.student.segmentor, self.val_set, self.cfg, device=self.device, progress=False,
                         shard=(self.dist.rank, self.dist.world_size), reduce=self.dist.all_reduce_)
 
     def evaluate_and_save(self):
@@ -172,11 +159,11 @@ class Trainer:
             self._note_best(result)
             return result
         pipeline = self.cfg["pipeline"]
-        save_iteration_pictures(self.iteration.images, self.work_dir, self.t, pipeline["mean"], pipeline["std"],
+        save_iteration_pictures(self.images, self.work_dir, self.t, pipeline["mean"], pipeline["std"],
                                 writer=self.log.tensorboard)
-        record = {"iter": self.t, **{k: 100 * result[k] for k in self._metrics(result)}}
-        if self.style is not None:
-            record.update(stylization_scores(self.style, *self._style_probe(), pipeline["mean"], pipeline["std"]))
+        record = {"iter": self.t, **{k: 100 * result[k] for k in metric_names(result)}}
+        if self.nets.style is not None:
+            record.update(stylization_scores(self.nets.style, *self._style_probe(), pipeline["mean"], pipeline["std"]))
         self.log.write(record)
         self.save(result)
         return result
@@ -191,14 +178,9 @@ class Trainer:
                 for key in ("source_image", "target_image"))
         return self._probe
 
-    @staticmethod
-    def _metrics(result):
-        return [k for k in ("mIoU", "mIoU16", "mIoU13") if k in result]
-
     def _note_best(self, result):
         """Whether `result` improves on the best so far (and remember it if so)."""
-        metrics = self._metrics(result)
-        metric = metrics[0] if metrics else None
+        metric = result.get("main_metric")
         value = result[metric] if metric else float("nan")
         improved = not math.isnan(value) and value > self.best["value"]
         if improved:
@@ -208,7 +190,82 @@ class Trainer:
     def save(self, result):
         """last.pth, and best.pth when `result` is the best so far (both written atomically)."""
         improved = self._note_best(result)
-        state = training_state(self)
+        state = self.state_dict()
         save_atomic(state, self.work_dir / "last.pth")
         if improved:
             save_atomic(state, self.work_dir / "best.pth")
+
+    def _stop(self, signum):
+        """Write the state after the last finished iteration, say how to resume, and stop."""
+        last = self.work_dir / "last.pth"
+        if self.dist.is_main:
+            save_atomic(self.state_dict(), last)
+        self.log.close()
+        distributed.shutdown()  # every rank waits for rank 0's write
+        raise StopRequested(f"stopped by {signal.Signals(signum).name} after {self.t} iterations of stage "
+                            f"{self.stage}: state saved in {last}; resume with: {resume_command()}", signum)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        """Everything a bit-for-bit resume needs (docs/method.md §7), as one dict of tensors and
+        literals. `model` repeats the student segmentor alone, the file test.py reads first."""
+        nets = self.nets
+        return {
+            "format": TRAINING_FORMAT, "stage": self.stage, "iteration": self.t, "config": self.cfg,
+            "model": nets.student.segmentor.state_dict(), "student": _heads(nets.student),
+            "teacher": _heads(nets.teacher), "imnet": nets.imnet.state_dict(),
+            "reg_proj": nets.reg_proj.state_dict(), "prototypes": nets.prototypes,
+            "proto_counts": nets.proto_counts, "optimizer": self.optimizer.state_dict(),
+            "best": dict(self.best), "rng": {"torch": torch.get_rng_state()},
+            "style": None if nets.style is None else nets.style.state_dict(),
+        }
+
+    def load_state_dict(self, ckpt, path="checkpoint"):
+        """Resume from `state_dict()`'s output (read from `path`), or a one-line error."""
+        nets = self.nets
+        if ckpt["stage"] != self.stage:
+            raise ConfetiError(f"checkpoint {path} is from stage {ckpt['stage']}, not stage {self.stage}")
+        if (nets.style is None) != (ckpt.get("style") is None):
+            raise ConfetiError(f"checkpoint {path} {'lacks' if ckpt.get('style') is None else 'holds'} a style "
+                               f"transfer, unlike this config (cut.enabled, method)")
+        self._warn_config_changes(ckpt.get("config"), path)
+        for net, key in ((nets.student, "student"), (nets.teacher, "teacher")):
+            for part in ("segmentor", "cam_head", "proj_head"):
+                load_model_weights(getattr(net, part), ckpt[key][part], f"{path} [{key}.{part}]")
+        load_model_weights(nets.imnet, ckpt["imnet"], f"{path} [imnet]")
+        load_model_weights(nets.reg_proj, ckpt["reg_proj"], f"{path} [reg_proj]")
+        nets.prototypes.copy_(ckpt["prototypes"])
+        nets.proto_counts.copy_(ckpt["proto_counts"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.t = ckpt["iteration"]
+        self.best = ckpt["best"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if nets.style is not None:
+            nets.style.load_state_dict(ckpt["style"], str(path), with_optimizers=self.stage < 2)
+
+    def _warn_config_changes(self, saved, path):
+        """One warning line per method-relevant key whose value differs from the checkpoint's run."""
+        if not isinstance(saved, dict) or not self.dist.is_main:
+            return
+        for key, before, now in config_differences(saved, self.cfg):
+            if not key.startswith(NOT_METHOD_KEYS):
+                print(f"warning: resuming {path} with {key} = {now!r}, but its run had {before!r}: "
+                      f"the resumed run is not the one that was started", file=sys.stderr, flush=True)
+
+
+def _heads(net):
+    return {"segmentor": net.segmentor.state_dict(), "cam_head": net.cam_head.state_dict(),
+            "proj_head": net.proj_head.state_dict()}
+
+
+def config_differences(old, new, prefix=""):
+    """[(dotted key, old value, new value)] where two nested config dicts differ."""
+    found = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, name + ".")
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            found.append((name, a, b))
+    return found

@@ -1,4 +1,4 @@
-"""Fused pixel-to-prototype contrast (docs/method.md §5) in Triton; `confeti_fast.ops.reference` is the contract.
+"""Fused pixel-to-prototype contrast (docs/method.md §5) in Triton; `confeti_fast.reference` is the contract.
 
     loss_ce, loss_reg = pixel_proto_contrast(feats, labels, prototypes, sample_idx=idx)
 
@@ -47,8 +47,8 @@ from typing import Optional
 
 import torch
 
-from confeti_fast.ops import reference
-from confeti_fast.ops.sampling import sample_kept_pixels
+from confeti_fast import reference
+from confeti_fast.sampling import sample_kept_pixels
 
 from ._triton_common import (AVAILABLE, EPS, INTERPRET, LOAD_ERROR, NAMESPACE, can_run, cdiv,
                              device_guard, launch, next_pow2, nonempty, op_registered, tl, triton)

@@ -1,4 +1,4 @@
-"""Fused PatchNCE (docs/method.md §6) in Triton; `confeti_fast.ops.reference.patch_nce` is the contract.
+"""Fused PatchNCE (docs/method.md §6) in Triton; `confeti_fast.reference.patch_nce` is the contract.
 
     loss = patch_nce(q_layers, k_layers, batch_size, tau=0.07)
 
@@ -35,7 +35,7 @@ to 1024 (256 in training).
 """
 import torch
 
-from confeti_fast.ops import reference
+from confeti_fast import reference
 
 from ._triton_common import (AVAILABLE, INTERPRET, LOAD_ERROR, NAMESPACE, can_run, cdiv, device_guard,
                              launch, next_pow2, nonempty, op_registered, tl, triton)

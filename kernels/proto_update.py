@@ -89,7 +89,7 @@ def _require():
 
 def proto_ema_update(prototypes, counts, feats, cam, labels, valid=None, momentum=0.999, top_k=32,
                      reduce=None):
-    """Fused `confeti_fast.ops.reference.proto_ema_update`: same arguments, same result.
+    """Fused `confeti_fast.reference.proto_ema_update`: same arguments, same result.
 
     Updates `prototypes` (K, D) float32 and `counts` (K,) int64 in place and returns them.
     feats / cam: float32, bfloat16 or float16, any strides; cam None means weights 1.

@@ -164,7 +164,7 @@ def assert_states_equal(a, b, path="state"):
 
 def resume_after_kill(cfg, stage, work_dir, monkeypatch):
     """Train, kill the run right after its first checkpoint, resume from it, and finish."""
-    from confeti_fast.checkpoint import load_training_checkpoint
+    from confeti_fast.serialization import load_training_checkpoint
     from confeti_fast.trainer import Trainer  # here, so that the op tests need no trainer
 
     save = Trainer.save

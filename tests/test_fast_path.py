@@ -38,7 +38,7 @@ def test_fast_step_gives_the_eager_fp32_losses(eager_fp32):
     fast = {"amp": "bf16", "channels_last": True, "compile": "default", "fused_optimizer": True}
     got, trainer = _losses(cfg, tmp_path, fast, "fast")
     assert trainer.cfg["runtime"]["compile"] == "default"
-    conv = next(m for m in trainer.student.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
+    conv = next(m for m in trainer.nets.student.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert got.keys() == expected.keys() and {"mix_contrast", "src_contrast", "fdist"} <= got.keys()
     for name, value in expected.items():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from confeti_fast import ops
-from confeti_fast.ops import reference
+from confeti_fast import reference
 
 REPO = Path(__file__).resolve().parents[1]
 # The interpreter keeps its site-packages (torch, triton, pytest); the finder of an editable
@@ -111,7 +111,7 @@ def test_a_fused_module_that_fails_to_import_gives_the_reference(monkeypatch, ca
         monkeypatch.setitem(sys.modules, name, None)  # import raises ModuleNotFoundError
     else:
         monkeypatch.setattr(sys, "meta_path", [_Broken(name, error)] + sys.meta_path)
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(ops.switch, "_warned", set())
     with ops.kernels("fused"):
         for device in ("cuda", "cpu") if op == "proto_ema_update" else ("cuda",):
             function, missing = ops._fused(op, device)

@@ -14,12 +14,12 @@ from confeti_fast.models import (
     PatchSampleF,
     convert_mmseg_checkpoint,
     init_cut_weights,
-    is_mmseg_checkpoint,
     load_authors_checkpoint,
     load_cut_state_dict,
     load_model_weights,
 )
 from confeti_fast.models.heads import ConfetiNet, reg_proj
+from confeti_fast.serialization import is_mmseg_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def test_authors_checkpoint_numpy1_meta(tmp_path, nets):
     out = load_authors_checkpoint(old)
     assert torch.equal(out["model"]["backbone.stem.0.weight"], sd["model.backbone.stem.0.weight"])
     # the numpy allowance is scoped to that read: the plain reader still refuses the file
-    from confeti_fast.checkpoint import read_checkpoint
+    from confeti_fast.serialization import read_checkpoint
 
     with pytest.raises(ConfetiError):
         read_checkpoint(old)

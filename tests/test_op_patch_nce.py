@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from confeti_fast.kernels import patch_nce as kp
-from confeti_fast.ops import reference
+from confeti_fast import reference
 from confeti_fast.profiling import count_launches
 from helpers import (BF16_GRAD_ATOL_FRAC, BF16_GRAD_RTOL, BF16_LOSS, DEVICES, FP32, assert_close_bf16_grad,
                      needs_cuda)

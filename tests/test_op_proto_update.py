@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from confeti_fast import ops
 from confeti_fast.kernels import proto_update as pu
-from confeti_fast.ops import reference
+from confeti_fast import reference
 from helpers import py_normalize
 
 needs_extension = pytest.mark.skipif(not pu.AVAILABLE, reason=f"confeti_fast._C is not built: {pu.LOAD_ERROR}")
@@ -896,7 +896,7 @@ import sys
 import torch
 import torch.distributed as dist
 from confeti_fast.kernels import proto_update as pu
-from confeti_fast.ops import reference
+from confeti_fast import reference
 
 rank, init, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from confeti_fast import ops
 from confeti_fast.errors import ConfetiError
 from confeti_fast.kernels import proto_update
-from confeti_fast.ops import reference
+from confeti_fast import reference
 from confeti_fast.ops.contrast import pixel_proto_contrast_cpu
 
 needs_extension = pytest.mark.skipif(
@@ -49,7 +49,7 @@ def test_missing_extension_warns_once_and_gives_reference_numbers(monkeypatch, c
     monkeypatch.delenv("CONFETI_KERNELS", raising=False)
     monkeypatch.setattr(proto_update, "AVAILABLE", False)
     monkeypatch.setattr(proto_update, "LOAD_ERROR", "no module named confeti_fast._C")
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(ops.switch, "_warned", set())
     args = _proto_inputs(torch.Generator().manual_seed(0))
     expected = [t.clone() for t in args[:2]]
     reference.proto_ema_update(*expected, *args[2:])
@@ -60,6 +60,23 @@ def test_missing_extension_warns_once_and_gives_reference_numbers(monkeypatch, c
     err = capsys.readouterr().err
     assert err.count("warning:") == 1
     assert "proto_ema_update" in err and "no module named confeti_fast._C" in err and "reference" in err
+
+
+def test_only_rank_0_prints_the_fallback_and_bf16_warnings(monkeypatch, capsys):
+    """Under torchrun every rank runs this code; one line per run is enough."""
+    from confeti_fast import runtime
+
+    monkeypatch.setattr(proto_update, "AVAILABLE", False)
+    monkeypatch.setattr(proto_update, "LOAD_ERROR", "no extension")
+    for rank, expected in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(ops.switch, "_warned", set())
+        with ops.kernels("fused"):
+            ops.implementation("proto_ema_update", "cpu")
+        runtime.resolve({"amp": "bf16"}, "cpu", announce=rank == "0")
+        captured = capsys.readouterr()
+        assert captured.err.count("warning: confeti_fast has no fused") == expected, rank
+        assert captured.out.count("bf16 autocast on a CPU") == expected, rank
 
 
 def test_train_and_test_clis_take_kernels():

@@ -1,7 +1,7 @@
-"""The contrast's pixel samplers (`confeti_fast.ops.sampling`): the kept pixels only, uniformly."""
+"""The contrast's pixel samplers (`confeti_fast.sampling`): the kept pixels only, uniformly."""
 import torch
 
-from confeti_fast.ops.sampling import sample_kept_pixels, sample_pixels
+from confeti_fast.sampling import sample_kept_pixels, sample_pixels
 
 
 def test_sample_kept_pixels():

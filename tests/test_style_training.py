@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from confeti_fast.checkpoint import load_training_checkpoint, training_state
+from confeti_fast.serialization import load_training_checkpoint
 from confeti_fast.config import dump_config, load_config
 from confeti_fast.errors import ConfetiError
 from confeti_fast.style import colour_statistics, ssim
@@ -33,47 +33,57 @@ def stage1(tmp_path):
 
 def test_consistency_reaches_g_and_reg_proj_only(stage1):
     torch.manual_seed(0)
-    stage1.prototypes.copy_(torch.nn.functional.normalize(torch.randn_like(stage1.prototypes), dim=1))
+    stage1.nets.prototypes.copy_(torch.nn.functional.normalize(torch.randn_like(stage1.nets.prototypes), dim=1))
     x_s = stage1.steps[0]["source_image"]
-    style = stage1.style
+    style = stage1.nets.style
     x_st = style.to_imagenet(style.G(style.to_cut(x_s)))
-    running_mean = stage1.student.segmentor.backbone.stem[1].running_mean.clone()
+    running_mean = stage1.nets.student.segmentor.backbone.stem[1].running_mean.clone()
     stage1.iteration.consistency(x_s, x_st).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stage1.reg_proj.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stage1.nets.reg_proj.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in style.G.parameters())
-    assert all(p.grad is None for p in stage1.student.segmentor.backbone.parameters())
-    assert all(p.grad is None for p in stage1.student.proj_head.parameters())
+    assert all(p.grad is None for p in stage1.nets.student.segmentor.backbone.parameters())
+    assert all(p.grad is None for p in stage1.nets.student.proj_head.parameters())
     # frozen for this term also means its forward leaves the BN statistics alone
-    assert torch.equal(stage1.student.segmentor.backbone.stem[1].running_mean, running_mean)
+    assert torch.equal(stage1.nets.student.segmentor.backbone.stem[1].running_mean, running_mean)
 
 
 def test_segmentation_losses_do_not_reach_g(stage1, monkeypatch):
     seen = {}
-    d_step = stage1.style.d_step
+    d_loss = stage1.nets.style.d_loss
 
-    def spy(real_target, fake, check):
+    def spy(real_target, fake):
         # Steps 3-6 (source CE, CAM, contrast, feature distance) have run their backward by now.
-        seen["g_grads"] = [p.grad for p in stage1.style.G.parameters()]
-        return d_step(real_target, fake, check)
+        seen["g_grads"] = [p.grad for p in stage1.nets.style.G.parameters()]
+        return d_loss(real_target, fake)
 
-    monkeypatch.setattr(stage1.style, "d_step", spy)
+    monkeypatch.setattr(stage1.nets.style, "d_loss", spy)
     stage1.step(stage1.steps[2], 2)  # t = 2 > contrast_after: every segmentation loss is on
     assert all(g is None for g in seen["g_grads"])
 
 
-def test_d_step_leaves_g_and_g_step_leaves_d(stage1):
-    style = stage1.style
+def test_d_step_leaves_g_and_g_step_leaves_d(stage1, monkeypatch):
+    """Step 7 as the iteration runs it: D's update moves D alone, G/F's update moves G and F alone."""
+    style = stage1.nets.style
     gen = torch.Generator().manual_seed(0)
     x = stage1.steps[0]
     real_source, real_target = style.to_cut(x["source_image"]), style.to_cut(x["target_image"])
-    fake, identity = style.G(real_source), style.G(real_target)
+    cut = {"real_source": real_source, "real_target": real_target,
+           "fake": style.G(real_source), "identity": style.G(real_target)}
+    seen = {}
+    g_losses = style.g_losses
+
+    def before_g(*args):  # D has stepped, G has not
+        seen["after_d"] = _params(style.G), _params(style.D), _params(style.F)
+        return g_losses(*args)
+
+    monkeypatch.setattr(style, "g_losses", before_g)
     g_before, d_before, f_before = _params(style.G), _params(style.D), _params(style.F)
-    style.d_step(real_target, fake, lambda values: None)
-    assert _same(g_before, _params(style.G)) and not _same(d_before, _params(style.D))
-    d_after = _params(style.D)
-    style.g_step(real_source, fake, real_target, identity, gen, lambda values: None)
-    assert _same(d_after, _params(style.D))
+    losses = stage1.iteration.style_step(cut, gen, 0)
+    g_after_d, d_after_d, f_after_d = seen["after_d"]
+    assert _same(g_before, g_after_d) and _same(f_before, f_after_d) and not _same(d_before, d_after_d)
+    assert _same(d_after_d, _params(style.D))
     assert not _same(g_before, _params(style.G)) and not _same(f_before, _params(style.F))
+    assert set(losses) == {"cut_d", "cut_gan", "cut_nce"} and all(v.grad_fn is None for v in losses.values())
 
 
 def test_stage1_resume_is_bitwise_exact_with_cut_state(tmp_path, monkeypatch):
@@ -83,7 +93,7 @@ def test_stage1_resume_is_bitwise_exact_with_cut_state(tmp_path, monkeypatch):
     resumed = resume_after_kill(cfg, 1, tmp_path / "halves", monkeypatch)
     ckpt = load_training_checkpoint(tmp_path / "halves" / "stage1" / "best.pth")
     assert set(ckpt["style"]) == {"G", "D", "F", "opt_G", "opt_D"} and ckpt["style"]["opt_D"]["state"]
-    assert_states_equal(training_state(straight), training_state(resumed))
+    assert_states_equal(straight.state_dict(), resumed.state_dict())
     assert (tmp_path / "halves" / "stage1" / "panels" / "style_000004.png").is_file()
     assert (tmp_path / "halves" / "stage1" / "stylized" / "000004_0.png").is_file()
 
@@ -95,12 +105,12 @@ def test_stage2_takes_g_from_stage1_and_restarts_the_segmentor(tmp_path):
     first = Trainer(cfg, 1, tmp_path / "run", progress=False)
     first.train()
     second = Trainer(cfg, 2, tmp_path / "run", progress=False)
-    assert _same(_params(first.style.G), _params(second.style.G))
-    assert not second.style.G.training and not any(p.requires_grad for p in second.style.G.parameters())
-    assert not _same(_params(first.student), _params(second.student))  # fresh segmentor
-    g_before = _params(second.style.G)
+    assert _same(_params(first.nets.style.G), _params(second.nets.style.G))
+    assert not second.nets.style.G.training and not any(p.requires_grad for p in second.nets.style.G.parameters())
+    assert not _same(_params(first.nets.student), _params(second.nets.student))  # fresh segmentor
+    g_before = _params(second.nets.style.G)
     second.train()
-    assert _same(g_before, _params(second.style.G))
+    assert _same(g_before, _params(second.nets.style.G))
 
 
 def test_stage1_starts_from_stage0_and_from_an_original_cut_file(tmp_path):
@@ -108,12 +118,32 @@ def test_stage1_starts_from_stage0_and_from_an_original_cut_file(tmp_path):
     stage0 = Trainer(cfg, 0, tmp_path / "run", progress=False)
     stage0.train()
     stage1 = Trainer(cfg, 1, tmp_path / "run", progress=False)
-    assert _same(_params(stage0.style.G), _params(stage1.style.G))
-    assert _same(_params(stage0.style.F), _params(stage1.style.F))
+    assert _same(_params(stage0.nets.style.G), _params(stage1.nets.style.G))
+    assert _same(_params(stage0.nets.style.F), _params(stage1.nets.style.F))
     original = tmp_path / "latest_net_G.pth"
-    torch.save(stage0.style.G.state_dict(), original)  # the CUT layout: model.N.*
+    torch.save(stage0.nets.style.G.state_dict(), original)  # the CUT layout: model.N.*
     other = Trainer(cfg, 1, tmp_path / "other", progress=False, cut_checkpoint=original)
-    assert _same(_params(stage0.style.G), _params(other.style.G))
+    assert _same(_params(stage0.nets.style.G), _params(other.nets.style.G))
+    assert not _same(_params(stage0.nets.style.D), _params(other.nets.style.D))  # no D file: random
+
+
+def test_an_original_cut_folder_gives_g_d_and_f(tmp_path, capsys):
+    """CUT's checkpoints/<name>/latest_net_{G,D,F}.pth: naming G loads D and F beside it, and says so."""
+    cfg = tiny_config(tmp_path, cut=True)
+    stage0 = Trainer(cfg, 0, tmp_path / "run", progress=False)
+    stage0.train()
+    folder = tmp_path / "checkpoints" / "gta2cs"
+    folder.mkdir(parents=True)
+    for name in ("G", "D", "F"):
+        torch.save(getattr(stage0.nets.style, name).state_dict(), folder / f"latest_net_{name}.pth")
+    capsys.readouterr()
+    stage1 = Trainer(cfg, 1, tmp_path / "other", progress=False, cut_checkpoint=folder / "latest_net_G.pth")
+    for name in ("G", "D", "F"):
+        assert _same(_params(getattr(stage0.nets.style, name)), _params(getattr(stage1.nets.style, name))), name
+    assert f"style transfer: G/D/F from {folder / 'latest_net_G.pth'}" in capsys.readouterr().out
+    (folder / "latest_net_F.pth").unlink()
+    Trainer(cfg, 1, tmp_path / "third", progress=False, cut_checkpoint=folder / "latest_net_G.pth")
+    assert "G/D from" in capsys.readouterr().out  # and F starts from random weights, as the line says
 
 
 def test_stage1_without_a_pretrained_cut_is_an_error_in_paper_presets(tmp_path):

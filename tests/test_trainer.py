@@ -2,11 +2,10 @@
 import pytest
 import torch
 
-from confeti_fast.checkpoint import load_training_checkpoint
-from confeti_fast.config import load_config
+from confeti_fast.serialization import load_training_checkpoint
+from confeti_fast.config import load_config, merge
 from confeti_fast.errors import ConfetiError
 from confeti_fast import iteration as iteration_module
-from confeti_fast.checkpoint import training_state
 from confeti_fast.trainer import NonFiniteLoss, Trainer
 from helpers import assert_states_equal, resume_after_kill, tiny_config
 
@@ -15,10 +14,26 @@ def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
     straight = Trainer(cfg, 2, tmp_path / "straight", progress=False)
     straight.train()
-    assert straight.t == 4 and straight.proto_counts.sum() > 0
+    assert straight.t == 4 and straight.nets.proto_counts.sum() > 0
     resumed = resume_after_kill(cfg, 2, tmp_path / "halves", monkeypatch)
     assert resumed.t == 4
-    assert_states_equal(training_state(straight), training_state(resumed))
+    assert_states_equal(straight.state_dict(), resumed.state_dict())
+
+
+def test_resume_warns_of_each_method_relevant_config_change(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    Trainer(cfg, 2, tmp_path / "run", progress=False).train()
+    last = tmp_path / "run" / "stage2" / "last.pth"
+    capsys.readouterr()
+    Trainer(cfg, 2, tmp_path / "run", resume=last, progress=False)
+    assert "warning" not in capsys.readouterr().err  # the same config: nothing to say
+    changed = merge(cfg, {"train": {"cam_weight": 0.5, "log_interval": 7}, "stages": {"2": {"crop_size": [24, 24]}},
+                          "evaluation": {"interval": 3}})
+    Trainer(changed, 2, tmp_path / "run", resume=last, progress=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(lines) == 2, lines  # train.log_interval and evaluation.* change no result
+    assert any("train.cam_weight = 0.5" in line and f"resuming {last}" in line for line in lines)
+    assert any("stages.2.crop_size = [24, 24]" in line for line in lines)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
@@ -54,7 +69,7 @@ def test_interrupted_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch)
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", torch_save_dies_halfway)
-    with pytest.raises(OSError):
+    with pytest.raises(ConfetiError, match="cannot write .*last.pth: disk full; the previous last.pth is intact"):
         run.save({"mIoU": 0.5})
     assert last.read_bytes() == before
     assert load_training_checkpoint(last)["iteration"] == 4
@@ -81,11 +96,11 @@ def test_source_only_trains_only_the_segmentor(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg["method"] = "source_only"
     run = Trainer(cfg, 2, tmp_path / "run", progress=False)
-    cam_head = [p.detach().clone() for p in run.student.cam_head.parameters()]
+    cam_head = [p.detach().clone() for p in run.nets.student.cam_head.parameters()]
     run.train()
-    assert run.proto_counts.sum() == 0
+    assert run.nets.proto_counts.sum() == 0
     # no gradient ever reached the CAM head, so AdamW (weight decay included) skipped it
-    assert all(torch.equal(p, q) for p, q in zip(run.student.cam_head.parameters(), cam_head))
+    assert all(torch.equal(p, q) for p, q in zip(run.nets.student.cam_head.parameters(), cam_head))
 
 
 def test_resume_rejects_another_stage_and_foreign_files(tmp_path):
@@ -106,7 +121,7 @@ def test_paper_presets_build_full_models_and_run_one_iteration(tmp_path, preset)
     cfg["model"]["depth"] = load_config(preset)["model"]["depth"]
     cfg["stages"]["2"]["iters"] = 1
     run = Trainer(cfg, 2, tmp_path / "run", progress=False)
-    assert run.student.segmentor.depth == 101 and run.student.proj_head.out_channels == 512
+    assert run.nets.student.segmentor.depth == 101 and run.nets.student.proj_head.out_channels == 512
     batch = run.steps[0]
     losses = run.step(batch, 0)
     expected = {"src_ce", "src_cam", "fdist", "src_contrast", "src_reg", "mix_ce", "mix_cam",

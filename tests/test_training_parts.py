@@ -24,6 +24,27 @@ def _softplus(x):
 
 # ---------------------------------------------------------------- seg_ce
 
+def test_bn_buffers_travel_in_one_collective_and_exactly(monkeypatch):
+    """One broadcast per step for all BN buffers of student and teacher (not one per tensor),
+    and the float64 carrier gives back every float32 statistic and int64 counter bit for bit."""
+    from confeti_fast import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "broadcast", lambda tensor, src: calls.append((tensor.dtype, src)))
+    nets = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)) for _ in range(2)]
+    for net in nets:
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.1, 3.0)
+                module.num_batches_tracked.fill_(2 ** 40 + 3)
+    before = [b.clone() for net in nets for b in net.buffers()]
+    distributed.Context(rank=1, world_size=2).broadcast_buffers(*nets)
+    assert calls == [(torch.float64, 0)]
+    after = list(b for net in nets for b in net.buffers())
+    assert all(torch.equal(x, y) and x.dtype == y.dtype for x, y in zip(before, after))
+
+
 def test_seg_ce_mean_over_all_pixels_including_ignored():
     logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2): pixel 0 (2, 0), pixel 1 (0, 1)
     ce0 = _softplus(-2.0)  # -log softmax(2, 0)[0] = log(1 + e^-2)

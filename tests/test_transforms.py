@@ -74,7 +74,7 @@ def test_resize_label_is_nearest():
 def test_normalize_imagenet():
     image = np.zeros((1, 1, 3), np.uint8)
     image[0, 0] = (123, 116, 103)
-    out = transforms.normalize(image)
+    out = transforms.to_input(image)
     expected = torch.tensor([(123 - 123.675) / 58.395, (116 - 116.28) / 57.12, (103 - 103.53) / 57.375])
     torch.testing.assert_close(out[:, 0, 0], expected)
 

@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..runtime import constant
 from .labels import IGNORE_INDEX
+from .normalization import denormalize, normalize
 
 
 def _uniform(gen, low=0.0, high=1.0):
@@ -107,12 +107,11 @@ def strong_augment(images, mean, std, gen, jitter_strength=0.2, jitter_prob=0.2,
     """Colour jitter (when a per-iteration draw exceeds `jitter_prob`) and Gaussian blur (when
     a draw exceeds 0.5, sigma ~ U(0.15, 1.15)) of normalized images (B, 3, H, W)."""
     jitter_draw, blur_draw = _uniform(gen), _uniform(gen)
-    mean = constant(mean, images.device, images.dtype).view(3, 1, 1)
-    std = constant(std, images.device, images.dtype).view(3, 1, 1)
     out = []
     for image in images:
         if jitter_draw > jitter_prob:
-            image = (color_jitter((image * std + mean) / 255.0, jitter_strength, gen) * 255.0 - mean) / std
+            image = normalize(color_jitter(denormalize(image, mean, std) / 255.0, jitter_strength, gen) * 255.0,
+                              mean, std)
         if blur and blur_draw > 0.5:
             image = gaussian_blur(image, _uniform(gen, 0.15, 1.15))
         out.append(image)

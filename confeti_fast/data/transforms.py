@@ -8,9 +8,8 @@ import numpy as np
 import torch
 
 from .labels import IGNORE_INDEX
+from .normalization import IMAGENET_MEAN, IMAGENET_STD, normalize
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def keep_ratio_size(width, height, scale):
@@ -76,12 +75,9 @@ def pad_to(image, label, size):
     return image, label
 
 
-def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def to_input(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(H, W, 3) uint8 RGB -> (3, H, W) float32 tensor, ImageNet-normalized."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    mean = torch.tensor(mean).view(3, 1, 1)
-    std = torch.tensor(std).view(3, 1, 1)
-    return (tensor - mean) / std
+    return normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float(), mean, std)
 
 
 def train_transform(image, label, rng, scale, crop_size, cat_max_ratio, flip_prob, mean, std):
@@ -93,4 +89,4 @@ def train_transform(image, label, rng, scale, crop_size, cat_max_ratio, flip_pro
         label = None if label is None else label[:, ::-1]
     image, label = pad_to(image, label, crop_size)
     label_tensor = None if label is None else torch.from_numpy(np.ascontiguousarray(label)).long()
-    return normalize(image, mean, std), label_tensor
+    return to_input(image, mean, std), label_tensor

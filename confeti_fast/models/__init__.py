@@ -1,5 +1,5 @@
 """Segmentor networks (ResNetV1c, DeepLabV2 head), the CUT networks, and weight loading/interop."""
-from .checkpoint import BackboneLoadReport, load_imagenet_backbone, load_model_weights
+from .weights import BackboneLoadReport, load_imagenet_backbone, load_model_weights
 from .cut import (
     NCE_CHANNELS,
     NCE_LAYERS,
@@ -15,10 +15,8 @@ from .cut import (
 from .deeplabv2 import DeepLabV2, DLV2Head, build_segmentor, upsample_logits
 from .interop import (
     convert_mmseg_checkpoint,
-    is_mmseg_checkpoint,
     load_authors_checkpoint,
     load_cut_state_dict,
-    read_mmcv_checkpoint,
 )
 from .resnet import BasicBlock, Bottleneck, ResNetV1c
 
@@ -40,12 +38,10 @@ __all__ = [
     "cut_to_imagenet",
     "imagenet_to_cut",
     "init_cut_weights",
-    "is_mmseg_checkpoint",
     "load_authors_checkpoint",
     "load_cut_state_dict",
     "load_imagenet_backbone",
     "load_model_weights",
     "lsgan_loss",
-    "read_mmcv_checkpoint",
     "upsample_logits",
 ]

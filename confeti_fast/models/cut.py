@@ -19,15 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime import constant
+from ..data.normalization import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 
 # Sequential indices of G whose outputs feed PatchNCE (CUT's --nce_layers 0,4,8,12,16):
 # the reflect-padded input, the first 128-ch conv, the first 256-ch conv, residual blocks 1 and 5.
 NCE_LAYERS = (0, 4, 8, 12, 16)
 NCE_CHANNELS = (3, 128, 256, 256, 256)
-
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def _binomial_filter(taps):
@@ -250,26 +247,17 @@ def init_cut_weights(module, gain=0.02):
     return module
 
 
-def _stats(x, mean, std):
-    shape = (1, -1, 1, 1) if x.dim() == 4 else (-1, 1, 1)
-    mean = constant(mean, x.device, x.dtype).reshape(shape)
-    std = constant(std, x.device, x.dtype).reshape(shape)
-    return mean, std
-
-
 def cut_to_imagenet(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """CUT image in [-1, 1] -> segmentor input: rgb = (x + 1) * 127.5, (rgb - mean) / std.
     x is B x 3 x H x W or 3 x H x W; mean/std per channel on the 0..255 scale."""
     x = x if x.is_floating_point() else x.float()
-    mean, std = _stats(x, mean, std)
-    return ((x + 1.0) * 127.5 - mean) / std
+    return normalize((x + 1.0) * 127.5, mean, std)
 
 
 def imagenet_to_cut(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Segmentor input (ImageNet-normalized) -> CUT image: (x * std + mean) / 127.5 - 1."""
     x = x if x.is_floating_point() else x.float()
-    mean, std = _stats(x, mean, std)
-    return (x * std + mean) / 127.5 - 1.0
+    return denormalize(x, mean, std) / 127.5 - 1.0
 
 
 def lsgan_loss(prediction, target_is_real):

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfetiError
-from .checkpoint import load_imagenet_backbone
+from .weights import load_imagenet_backbone
 from .resnet import ARCH_SETTINGS, ResNetV1c
 
 

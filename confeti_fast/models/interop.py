@@ -41,47 +41,14 @@ The result serves evaluation (test.py); it is not a resumable training checkpoin
 """
 import re
 
-import torch
 
-from ..checkpoint import read_checkpoint
+from ..serialization import read_checkpoint, read_mmcv_checkpoint
 from ..errors import ConfetiError
-from .checkpoint import _examples, _strip_prefix, extract_state_dict, load_model_weights
+from .weights import _examples, _strip_prefix, extract_state_dict, load_model_weights
 
 _SEGMENTORS = ("model", "ema_model", "imnet_model")
 _ASPP = re.compile(r"^decode_head\.aspp_modules\.(\d+)\.(?:conv\.)?(weight|bias)$")
 _HEAD = re.compile(r"^(ema_aux_heads|aux_heads)\.(?:\d+\.)?(conv_cam|conv_proj)\.weight$")
-
-
-def _numpy_safe_globals():
-    """The numpy reconstructors mmcv checkpoints need under weights_only=True: mmseg's
-    evaluation hook stores `meta.hook_msgs.best_score` as a numpy float64. Only data types and
-    the scalar/array rebuilders, listed under their numpy 1.x and 2.x pickle names."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy ships with torch installs
-        return []
-    core = getattr(np, "_core", None) or np.core
-    found = [(core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-             (core.multiarray.scalar, "numpy._core.multiarray.scalar"),
-             (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-             (core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
-             (np.dtype, "numpy.dtype"), (np.ndarray, "numpy.ndarray")]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        found += [(cls, f"numpy.dtypes.{name}") for name, cls in vars(dtypes).items()
-                  if isinstance(cls, type) and name.endswith("DType")]
-    return found
-
-
-def read_mmcv_checkpoint(path, what="checkpoint"):
-    """`read_checkpoint` (weights_only=True, one-line errors) that also accepts numpy
-    scalars/arrays/dtypes, which mmcv checkpoints carry in 'meta'; the allowance is scoped
-    to this read."""
-    allowed = _numpy_safe_globals()
-    if not allowed or not hasattr(torch.serialization, "safe_globals"):
-        return read_checkpoint(path, what)
-    with torch.serialization.safe_globals(allowed):
-        return read_checkpoint(path, what)
 
 
 def load_cut_state_dict(module, path, what="CUT checkpoint"):
@@ -91,19 +58,14 @@ def load_cut_state_dict(module, path, what="CUT checkpoint"):
     Keys may carry a `module.` prefix (DataParallel). Missing, unexpected or misshaped keys
     raise a one-line `ConfetiError` naming the file and listing them. Returns `module`.
     """
-    sd = extract_state_dict(read_checkpoint(path, what), f"{what} {path}")
+    return fit_cut_state_dict(module, read_checkpoint(path, what), path, what)
+
+
+def fit_cut_state_dict(module, ckpt, path, what="CUT checkpoint"):
+    """`load_cut_state_dict` for a file already read (`ckpt`, what `read_checkpoint(path)` gave)."""
+    sd = extract_state_dict(ckpt, f"{what} {path}")
     sd = _strip_prefix(sd, "module.")
     return load_model_weights(module, sd, f"{path} ({what})")
-
-
-def is_mmseg_checkpoint(ckpt):
-    """True when `ckpt` looks like the authors' mmseg checkpoint: no 'model' entry, and a
-    'state_dict' (or the dict itself) with `model.backbone.*` keys."""
-    if not isinstance(ckpt, dict) or "model" in ckpt:
-        return False
-    sd = ckpt.get("state_dict", ckpt)
-    return isinstance(sd, dict) and any(
-        isinstance(k, str) and k.startswith(("model.backbone.", "module.model.backbone.")) for k in sd)
 
 
 def _segmentor_key(rest):

@@ -8,9 +8,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import choose, load_fused, reference
-from .reference import IGNORE_INDEX
-from .sampling import sample_kept_pixels
+from .. import reference
+from .switch import choose, load_fused
+from ..reference import IGNORE_INDEX
+from ..sampling import sample_kept_pixels
 
 NAME = "pixel_proto_contrast"
 

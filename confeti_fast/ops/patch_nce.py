@@ -4,7 +4,8 @@ fused: `confeti_fast.kernels.patch_nce` (Triton) on CUDA, the reference on other
 batched matmul per layer is already the cheapest CPU path: stacking the layers into one matmul
 measured no faster and copies them); reference: `reference.patch_nce`.
 """
-from . import choose, load_fused, reference
+from .. import reference
+from .switch import choose, load_fused
 
 NAME = "patch_nce"
 

@@ -5,7 +5,8 @@ the CPU, CUDA on CUDA); reference: `reference.proto_ema_update`. The class stati
 EMA of the `reduce` hook (`proto_class_stats`, `proto_ema_apply`) are not dispatched on their
 own: `proto_ema_update(..., reduce=f)` runs both inside whichever update is selected.
 """
-from . import choose, load_fused, reference
+from .. import reference
+from .switch import choose, load_fused
 
 NAME = "proto_ema_update"
 

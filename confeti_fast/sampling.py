@@ -1,7 +1,7 @@
 """The contrast's pixel samplers: flat indices into (B, h, w) labels, ignored pixels (255) left out."""
 import torch
 
-from ..data.labels import IGNORE_INDEX
+from .data.labels import IGNORE_INDEX
 
 
 def sample_kept_pixels(labels, num_samples, generator=None):

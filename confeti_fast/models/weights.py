@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_checkpoint
+from ..serialization import read_checkpoint
 from ..errors import ConfetiError
 from .resnet import ARCH_SETTINGS
 
