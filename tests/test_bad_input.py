@@ -40,7 +40,7 @@ def test_empty_split(tmp_path):
 def test_image_without_label(tmp_path):
     make_gta5(tmp_path)
     (tmp_path / "labels" / "00001.png").unlink()
-    _one_line_error(lambda: datasets.gta5(tmp_path), tmp_path / "images" / "00001.png",
+    _one_line_error(lambda: datasets.gta5(tmp_path, check=True), tmp_path / "images" / "00001.png",
                     tmp_path / "labels" / "00001.png")
 
 
@@ -49,14 +49,16 @@ def test_corrupt_image_names_the_file(tmp_path, content):
     make_gta5(tmp_path)
     bad = tmp_path / "images" / "00000.png"
     bad.write_bytes(content)
+    _one_line_error(lambda: datasets.gta5(tmp_path, check=True), bad)  # the start-up check
     ds = datasets.gta5(tmp_path)
-    _one_line_error(lambda: ds.load(0), bad)
+    _one_line_error(lambda: ds.load(0), bad)  # a file gone bad after the check
 
 
 def test_truncated_image_names_the_file(tmp_path):
     make_gta5(tmp_path, h=64, w=64)
     bad = tmp_path / "images" / "00000.png"
     bad.write_bytes(bad.read_bytes()[:200])
+    _one_line_error(lambda: datasets.gta5(tmp_path, check=True), bad)
     _one_line_error(lambda: datasets.gta5(tmp_path).load(0), bad)
 
 
@@ -64,6 +66,7 @@ def test_corrupt_synthia_label_names_the_file(tmp_path):
     make_synthia(tmp_path)
     bad = tmp_path / "GT" / "LABELS" / "0000000.png"
     bad.write_bytes(b"garbage")
+    _one_line_error(lambda: datasets.synthia(tmp_path, check=True), bad)
     _one_line_error(lambda: datasets.synthia(tmp_path).load(0), bad)
 
 
@@ -78,5 +81,6 @@ def test_size_mismatch_names_both_files(tmp_path):
     make_gta5(tmp_path)
     label = tmp_path / "labels" / "00001.png"
     write_png(label, np.zeros((5, 8), np.uint8))
-    message = _one_line_error(lambda: datasets.gta5(tmp_path).load(1), tmp_path / "images" / "00001.png", label)
-    assert "8x6" in message and "8x5" in message
+    for build in (lambda: datasets.gta5(tmp_path, check=True), lambda: datasets.gta5(tmp_path).load(1)):
+        message = _one_line_error(build, tmp_path / "images" / "00001.png", label)
+        assert "8x6" in message and "8x5" in message

@@ -2,7 +2,9 @@
 
 Per-image class pixel counts over the source set are computed once, with a progress bar,
 and cached as JSON beside the data (or in ~/.cache/confeti_fast when that folder is
-read-only). P(c) = softmax((1 - f_c) / T) over the classes that occur.
+read-only). P(c) = softmax((1 - f_c) / T) over the classes that occur. The statistics cover
+the dataset's index as checked (under data.bad_samples=skip, the pairs kept): the cache's
+fingerprint lists every label in order, so it is never reused for another index.
 """
 import hashlib
 import json
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfetiError
+from .check import BadSampleError
 from .labels import NUM_CLASSES
 
 CACHE_NAME = ".confeti_rcs_stats.json"
@@ -39,7 +42,15 @@ def compute_class_counts(dataset, progress=True):
     counts = np.zeros((len(dataset), NUM_CLASSES), dtype=np.int64)
     for i in tqdm(range(len(dataset)), desc=f"RCS class statistics ({dataset.root})",
                   disable=not progress, unit="img"):
-        label = dataset.load_label(i)
+        try:
+            label = dataset.load_label(i)
+        except BadSampleError as err:
+            if getattr(dataset, "bad_samples", "error") != "skip":
+                raise
+            # A body damaged behind a valid header: no counts, so RCS never draws it.
+            print(f"RCS class statistics: cannot read {err.path} ({err.reason}); counted as empty "
+                  f"(data.bad_samples=skip)", flush=True)
+            continue
         counts[i] = np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
     return counts
 
