@@ -69,8 +69,10 @@ setup(
     python_requires=">=3.10",
     packages=[
         "confeti_fast",
+        "confeti_fast.config",
         "confeti_fast.data",
         "confeti_fast.data.demo",
+        "confeti_fast.evaluation",
         "confeti_fast.models",
         "confeti_fast.ops",
         "confeti_fast.kernels",

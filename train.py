@@ -88,6 +88,7 @@ def main(argv=None):
     from confeti_fast import ops
     from confeti_fast.config import merge
     from confeti_fast.distributed import shutdown
+    from confeti_fast.evaluation import metric_names
     from confeti_fast.trainer import Trainer
 
     ops.set_kernels(args.kernels)
@@ -102,7 +103,7 @@ def main(argv=None):
                           progress=not args.no_progress,
                           cut_checkpoint=args.cut_checkpoint if stage == stages[0] else None)
         result = trainer.train()
-        metrics = ", ".join(f"{k} {100 * result[k]:.2f}" for k in ("mIoU", "mIoU16", "mIoU13") if k in result)
+        metrics = ", ".join(f"{k} {100 * result[k]:.2f}" for k in metric_names(result))
         if trainer.dist.is_main:
             print(f"stage {stage}: " + (f"target {metrics} " if metrics else "") +
                   f"after {trainer.t} iterations; outputs in {trainer.work_dir}", flush=True)

@@ -14,7 +14,6 @@ OUT/ablation.png the bar chart with the seeds' spread.
 """
 import argparse
 import csv
-import json
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,9 @@ RUN_FIELDS = ["row", "preset", "seed", "final_miou", "best_miou", "wall_s"]
 
 
 def _stage2_mious(work_dir):
-    records = [json.loads(line) for line in (Path(work_dir) / "stage2" / "log.jsonl").read_text().splitlines()]
+    from .training_log import read_log
+
+    records = read_log(Path(work_dir) / "stage2" / "log.jsonl")
     mious = [r["mIoU"] for r in records if "mIoU" in r]
     if not mious:
         raise RuntimeError(f"{work_dir}: stage 2 logged no mIoU")

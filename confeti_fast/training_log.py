@@ -24,6 +24,25 @@ class NonFiniteLoss(ConfetiError):
     """A loss term became NaN or infinite; training stops before it touches any weight."""
 
 
+def read_log(path, partial=False):
+    """The records (dicts) of a `log.jsonl`, in file order: the one reader of that file.
+
+    `partial` is for a run that may still be writing or was killed: a missing file reads as no
+    records and a line that is not JSON (cut short) is skipped. Without it both raise, for
+    readers of a finished run, where either means something went wrong."""
+    path = Path(path)
+    if partial and not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not partial:
+                raise
+    return records
+
+
 def open_tensorboard(log_dir):
     """A torch.utils.tensorboard SummaryWriter into `log_dir`, or None without tensorboard."""
     try:

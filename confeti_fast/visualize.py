@@ -3,7 +3,6 @@
 The curves are drawn with matplotlib on its non-interactive Agg canvas (no display, no pyplot
 state); the panels are PIL grids, also sent to TensorBoard as images when a writer is given.
 """
-import json
 import math
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from .data.labels import colorize
+from .evaluation import METRIC_NAMES
+from .training_log import read_log
 
 
 def denormalize(image, mean, std):
@@ -66,17 +67,11 @@ def weight_picture(weight):
     return (weight.detach().float().cpu().clamp(0, 1) * 255).byte().numpy()
 
 
-def _read_log(log_path):
+def _log_series(log_path):
     """{name: {iter: value}} of a JSON-lines training log (a later record of the same
     iteration, e.g. after a resume, replaces the earlier one)."""
     series = {}
-    path = Path(log_path)
-    lines = path.read_text().splitlines() if path.is_file() else []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
+    for record in read_log(log_path, partial=True):  # a line cut short by a kill is skipped
         t = record.get("iter")
         if not isinstance(t, (int, float)):
             continue
@@ -159,7 +154,7 @@ def curves_figure(log_path):
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    series = _read_log(log_path)
+    series = _log_series(log_path)
     losses = {k[5:]: v for k, v in series.items() if k.startswith("loss/")}
     negative = {k: v for k, v in losses.items() if any(y < 0 for y in v.values())}
     positive = {k: v for k, v in losses.items() if k not in negative and any(y > 0 for y in v.values())}
@@ -168,7 +163,7 @@ def curves_figure(log_path):
               ("style transfer (CUT) losses", {k: v for k, v in positive.items() if k.startswith("cut_")}, True),
               ("terms that go negative (linear)", negative, False)]
     panels = [p for p in panels if p[1]]
-    metrics = {k: v for k, v in series.items() if k in ("mIoU", "mIoU16", "mIoU13")}
+    metrics = {k: v for k, v in series.items() if k in METRIC_NAMES}
     style = {k[6:]: v for k, v in series.items() if k.startswith("style/")}
 
     rows = len(panels) + 1 + bool(style)

@@ -1,28 +1,16 @@
-"""Configs: plain Python literal files (a dict), read with `ast.literal_eval`.
+"""The config schema: every key is checked, at any depth, and the resolved config's top level.
 
-A config file holds one dict literal. It may name a `_base_` preset whose values it
-overrides (nested dicts merge key by key). Presets live in `configs/` and are shipped
-inside the package as `confeti_fast.configs`. Training writes the fully resolved config
-(no `_base_`) as `config.py` in its work dir, and `test.py` reads that file back.
-
-Every key is checked, at any depth: the schema is the merged chain of presets under a file
-(the root preset `gta2cs` for a file without a preset below it, such as a resolved
-`config.py`). A key the schema lacks is a one-line error naming its full dotted path and the
-nearest valid key; a value of another type than the schema's is one too (an int stands for a
-float, a tuple for a list; None is accepted where the schema holds None or documents the key
-as optional, `OPTIONAL_VALUES`). `--cfg-options key.path=value` items (`parse_cfg_options`)
-are checked the same way.
+The schema is the merged chain of presets under a file (the root preset `gta2cs` for a file
+without a preset below it, such as a resolved `config.py`). A key the schema lacks is a
+one-line error naming its full dotted path and the nearest valid key; a value of another type
+than the schema's is one too (an int stands for a float, a tuple for a list; None is accepted
+where the schema holds None or documents the key as optional, `OPTIONAL_VALUES`).
 """
-import ast
-import copy
 import difflib
-import pprint
-from importlib import resources
-from pathlib import Path
 
-from .errors import ConfetiError
+from ..errors import ConfetiError
+from .presets import read_raw
 
-PRESET_PACKAGE = "confeti_fast.configs"
 # The preset every chain ends in: the schema of a file with no preset below it.
 ROOT_PRESET = "gta2cs"
 # Keys documented as optional: None, or a value of this type.
@@ -32,14 +20,6 @@ OPTIONAL_VALUES = {
     "target.generate": str,
     "evaluation.scale": list,  # None: inference at the image's full resolution
 }
-
-
-def _preset_dir():
-    """The installed presets, or the repository's `configs/` when the package runs in place."""
-    try:
-        return resources.files(PRESET_PACKAGE)
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[1] / "configs"
 
 # Top-level keys a resolved config must have, with the type each one must be.
 REQUIRED_KEYS = {
@@ -63,7 +43,7 @@ REQUIRED_KEYS = {
 }
 # Optional top-level keys: `runtime` (how the step executes, see runtime.py), each choice
 # "auto" (the device's default) or one of these values.
-OPTIONAL_KEYS = {"runtime": dict}
+OPTIONAL_KEYS = {"runtime": dict, "data": dict}  # "data": absent from configs written before it
 RUNTIME_CHOICES = {
     "amp": ("fp32", "bf16"),
     "channels_last": (False, True),
@@ -76,85 +56,9 @@ RUNTIME_CHOICES = {
 METHODS = ("confeti", "source_only")
 EVAL_CLASS_SETS = ("all", "synthia16")
 DATASET_TYPES = ("gta5", "cityscapes", "synthia")
+# `evaluation.mode`: whole-image or sliding-window inference (evaluation/inference.py).
+EVAL_MODES = ("whole", "slide")
 
-
-def preset_names():
-    return sorted(
-        p.name[:-3] for p in _preset_dir().iterdir()
-        if p.name.endswith(".py") and not p.name.startswith("_")
-    )
-
-
-def _read_literal(text, origin):
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as err:
-        raise ConfetiError(f"config {origin} is not a plain Python dict literal: {err}") from None
-    if not isinstance(value, dict):
-        raise ConfetiError(f"config {origin} must hold one dict literal, found {type(value).__name__}")
-    return value
-
-
-def _read_raw(preset_or_path):
-    path = Path(preset_or_path)
-    if path.suffix == ".py" or path.exists():
-        if not path.is_file():
-            raise ConfetiError(f"config file {path} does not exist")
-        return _read_literal(path.read_text(), path), str(path), False
-    name = str(preset_or_path)
-    if name not in preset_names():
-        raise ConfetiError(
-            f"unknown preset '{name}' (--config takes a preset name or a .py file); "
-            f"presets: {', '.join(preset_names())}"
-        )
-    text = _preset_dir().joinpath(f"{name}.py").read_text()
-    return _read_literal(text, f"preset '{name}'"), f"preset '{name}'", True
-
-
-def merge(base, override):
-    """Recursively merge `override` into a copy of `base` (dicts merge, everything else replaces)."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def load_config(preset_or_path, overrides=None, overrides_origin="overrides"):
-    """Read a preset name or config file, resolve `_base_` chains, apply overrides and validate.
-
-    Each file of the chain, and `overrides` (named `overrides_origin` in errors, e.g.
-    '--cfg-options'), is checked against the schema before they are merged."""
-    raw, origin, is_preset = _read_raw(preset_or_path)
-    top, seen, chain = origin, [], []  # chain: (dict without _base_, origin, is_preset), top first
-    while True:
-        if origin in seen:
-            raise ConfetiError(f"config {top}: `_base_` chain loops through {origin}")
-        seen.append(origin)
-        base_name = raw.pop("_base_", None)
-        chain.append((raw, origin, is_preset))
-        if base_name is None:
-            break
-        if not isinstance(base_name, str):
-            raise ConfetiError(f"{origin}: `_base_` must be a preset name or a file path, got {base_name!r}")
-        raw, origin, is_preset = _read_raw(base_name)
-    schema = _schema([layer for layer, _, preset in chain if preset])
-    layers = [(layer, layer_origin) for layer, layer_origin, _ in reversed(chain)]
-    if overrides:
-        layers.append((overrides, overrides_origin))
-    cfg = {}
-    for layer, layer_origin in layers:
-        check_keys(layer, schema, layer_origin)
-        cfg = merge(cfg, layer)
-    validate_config(cfg, top)
-    return cfg
-
-
-# --------------------------------------------------------------------------------------
-# The schema: every key of the preset chain, with the kinds of value it takes
-# --------------------------------------------------------------------------------------
 
 _KIND_NAMES = {bool: "True or False", int: "an int", float: "a number", str: "a string", list: "a list",
                dict: "a dict", type(None): "None"}
@@ -177,10 +81,10 @@ def _add_kinds(tree, layer, prefix=""):
             _add_kinds(node["children"], value, path + ".")
 
 
-def _schema(preset_layers):
+def build_schema(preset_layers):
     """{key: {'kinds': set of types, 'children': {...}}} of the root preset and `preset_layers`
     (the presets of a chain, top first) merged."""
-    root, _, _ = _read_raw(ROOT_PRESET)
+    root, _, _ = read_raw(ROOT_PRESET)
     root.pop("_base_", None)
     tree = {}
     for layer in [root] + list(reversed(preset_layers)):
@@ -248,44 +152,6 @@ def check_keys(layer, schema, origin):
         _validate_runtime(layer["runtime"], origin)
 
 
-def parse_cfg_options(items, origin="--cfg-options"):
-    """`key.path=value` strings -> a nested override dict (mmseg's --cfg-options). Each value is
-    read as a Python literal (`ast.literal_eval`: 4, 1e-4, None, [512, 512], 'text'), falling
-    back to the plain string (so `model.pretrained=weights/r101.pth` needs no quotes)."""
-    out = {}
-    for item in items or ():
-        key, sep, text = str(item).partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
-            raise ConfetiError(f"{origin} takes key.path=value items, got {item!r}")
-        try:
-            value = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            value = text.strip()
-        nested = value
-        for part in reversed(parts):
-            nested = {part: nested}
-        out = merge(out, nested)
-    return out
-
-
-def eval_scale_override(values, origin="--eval-scale"):
-    """`--eval-scale W H` (or `full`) -> {'evaluation': {'scale': [W, H] or None}}; None for no values."""
-    if values is None:
-        return None
-    values = [str(v) for v in values]
-    if len(values) == 1 and values[0].lower() in ("full", "native", "none"):
-        return {"evaluation": {"scale": None}}
-    try:
-        width, height = (int(v) for v in values)
-        if width < 1 or height < 1:
-            raise ValueError
-    except ValueError:
-        raise ConfetiError(f"{origin} takes a width and a height in pixels (e.g. 1280 640) or 'full', "
-                           f"got {' '.join(values)!r}") from None
-    return {"evaluation": {"scale": [width, height]}}
-
-
 def _validate_runtime(runtime, origin):
     if not isinstance(runtime, dict):
         raise ConfetiError(f"{origin}: 'runtime' must be a dict, got {runtime!r}")
@@ -318,12 +184,3 @@ def validate_config(cfg, origin="config"):
             raise ConfetiError(f"{origin}: {side}.type must be one of {DATASET_TYPES}, got {cfg[side].get('type')!r}")
     if cfg["model"].get("depth") not in (18, 34, 50, 101):
         raise ConfetiError(f"{origin}: model.depth must be 18, 34, 50 or 101, got {cfg['model'].get('depth')!r}")
-
-
-def dump_config(cfg, path):
-    """Write a resolved config as a readable, diffable literal file that `load_config` reads back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = pprint.pformat(cfg, indent=1, width=100, sort_dicts=True)
-    path.write_text(f"# Resolved confeti_fast config ({cfg['name']}); read by test.py and --resume.\n{body}\n")
-    return path
