@@ -1,11 +1,11 @@
-"""The op benchmark cases, shared by `test_ops.py` (pytest-benchmark) and `gpu_suite.py`.
+"""The op benchmark cases, shared by `test_ops.py` (pytest-benchmark) and the GPU suite (`suite/op_steps.py`).
 
 A case is one op at one shape, dtype and memory format: `make_case(op, device, ...)` gives
 its inputs (`setup()`, called before every timed call: the prototype update works in place)
 and `case.call(fn, *args)`, one forward + backward (or one update) through implementation
 `fn`, which `implementation(op, device, impl)` picks:
 
-* "reference": `confeti_fast.ops.reference`;
+* "reference": `confeti_fast.reference`;
 * "compiled": `torch.compile(reference)`; not for the prototype update (COMPILE_SKIPPED);
 * "fused": what `--kernels fused` runs on that device (`confeti_fast.ops._fused`); on the CPU
   PatchNCE's fused op is the reference itself. Unavailable(reason) when it is missing.
@@ -21,9 +21,9 @@ torch.autocast(dtype), as a bf16 training step does (test_ops.py: fp32, contiguo
 import torch
 import torch.nn.functional as F
 
-from confeti_fast import ops
-from confeti_fast.ops import reference
-from confeti_fast.ops.sampling import sample_kept_pixels
+from confeti_fast import ops, reference
+from confeti_fast.sampling import sample_kept_pixels
+from timing import sync
 
 GEN_SEED = 0
 OPS = ("contrast", "patch_nce", "proto_update")
@@ -160,22 +160,17 @@ def make_case(op, device, size="paper", dtype=torch.float32, channels_last=False
     raise ValueError(f"unknown op {op!r}; known: {OPS}")
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def peak_extra_mb(case, fn):
     """The most memory one call holds beyond its inputs: on CUDA max_memory_allocated above the
     allocation before the call; on the CPU the running total of the allocator events the torch
     profiler records (profile_memory=True), so it counts tensors, not Python objects."""
     args = case.setup()
     if case.device == "cuda":
-        torch.cuda.synchronize()
+        sync(case.device)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         case.call(fn, *args)
-        torch.cuda.synchronize()
+        sync(case.device)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     from confeti_fast.profiling import cpu_peak_allocated_mb
 

@@ -11,7 +11,8 @@
 # Writes at most 6 files under $OUT (default ./gpu_out): results.jsonl (one JSON object per
 # case, appended as soon as it is known), env.json, summary.txt, logs.tar.gz. Needs python with
 # torch, triton, numpy, pillow and pytest (pytest-benchmark is not used; no opencv, no tqdm, no
-# network). The steps, their budgets and what each record holds: benchmarks/gpu_suite.py.
+# network). The steps and what each record holds: benchmarks/gpu_suite.py; the code, budgets
+# included: benchmarks/suite/.
 # Exit status: non-zero if a step failed or timed out (in a dry run also if one was skipped).
 set -uo pipefail
 

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 import cases
+from timing import sync
 
 CUDA = torch.cuda.is_available()
 MEDIANS = {}  # (op, device) -> {impl: median seconds}, this session
@@ -52,11 +53,11 @@ def _measure(benchmark, op, device, impl, rounds=None):
     fn = _implementation(op, device, impl)
     timed, warmup = rounds or ROUNDS[device]
     case.call(fn, *case.setup())  # first call outside timing: compilation, lazy init
-    cases.sync(device)
+    sync(device)
 
     def timed_call(*args):
         case.call(fn, *args)
-        cases.sync(device)
+        sync(device)
 
     benchmark.group = f"{op}-{device}"
     benchmark.pedantic(timed_call, setup=lambda: (case.setup(), {}), rounds=timed, warmup_rounds=warmup, iterations=1)

@@ -24,13 +24,13 @@ that peak during the test (0 when the test stayed below an earlier high-water ma
 import platform
 import resource
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from confeti_fast.models import DeepLabV2, upsample_logits
+from timing import sync, time_ms
 
 CUDA = torch.cuda.is_available()
 NUM_CLASSES = 19
@@ -105,17 +105,16 @@ def test_segmentor_train_step(benchmark, device, variant):
             loss = F.cross_entropy(upsample_logits(logits, y.shape[-2:]), y, ignore_index=255)
         loss.backward()
         optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         return loss.detach().clone() if cudagraphs else loss
 
     rss_before = _rss_mb()
-    t0 = time.perf_counter()
-    first_loss = step()  # includes torch.compile / cuDNN autotuning on CUDA
-    first_step_s = time.perf_counter() - t0
+    losses = []  # the first step's loss, checked below
+    # includes torch.compile / cuDNN autotuning on CUDA
+    first_step_s = time_ms(lambda: losses.append(step()), 1, device)[0] / 1e3
     if cudagraphs:  # CUDA graphs are recorded on the second/third call, not the first
         step()
-    assert torch.isfinite(first_loss)
+    assert torch.isfinite(losses[0])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 

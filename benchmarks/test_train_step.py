@@ -29,17 +29,13 @@ import torch
 
 import train_cases as tc
 from confeti_fast import ops
+from timing import sync
 
 CUDA = torch.cuda.is_available()
 _NO_CUDA = pytest.mark.skipif(not CUDA, reason="CUDA not available: the paper-shape step needs a GPU")
 ROUNDS = {"cpu": (3, 1), "cuda": (10, 3)}  # timed steps, warm-up steps (after the first step)
 STEP_T = tc.STEP_T
 MEDIANS = {}
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("variant", ["reference", "fast"])
@@ -55,13 +51,13 @@ def test_train_step(benchmark, tmp_path, device, stage, variant):
         timed, warmup = ROUNDS[device]
         for _ in range(warmup):
             trainer.step(batch, STEP_T)
-        _sync(device)
+        sync(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
         def step():
             trainer.step(batch, STEP_T)
-            _sync(device)
+            sync(device)
 
         benchmark.group = f"train-step-{device}-stage{stage}"
         benchmark.pedantic(step, rounds=timed, iterations=1)

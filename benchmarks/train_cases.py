@@ -1,4 +1,5 @@
-"""The training-step cases, shared by `test_train_step.py` (pytest-benchmark) and `gpu_suite.py`.
+"""The training-step cases, shared by `test_train_step.py` (pytest-benchmark) and the GPU suite
+(`suite/train_steps.py`).
 
     cfg = config("paper", data_root)             # or "demo" (the CPU benchmark), "tiny" (dry runs)
     trainer = make_trainer(cfg, stage, work_dir, "cuda", "fast")

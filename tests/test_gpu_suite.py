@@ -1,7 +1,7 @@
-"""The GPU suite's driver (benchmarks/gpu_suite.py) on the CPU: the deadline skips and records
-what does not fit, every record is a JSON line written as it comes, at most 6 files land in
-$OUT, and a driver stopped mid-way leaves valid results. (The whole dry run,
-`GPU_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh`, runs in .ci/run.)"""
+"""The GPU suite's driver (benchmarks/gpu_suite.py and benchmarks/suite/) on the CPU: the
+deadline skips and records what does not fit, every record is a JSON line written as it comes,
+at most 6 files land in $OUT, and a driver stopped mid-way leaves valid results. (The whole dry
+run, `GPU_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh`, runs in .ci/run.)"""
 import json
 import os
 import signal
@@ -14,7 +14,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "benchmarks" / "gpu_suite.py"
 sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_suite  # noqa: E402
+from suite.budgets import PARTS  # noqa: E402
+from suite.records import MAX_OUT_FILES  # noqa: E402
+from suite.setup_steps import tree_digest  # noqa: E402
 
 
 def _records(out):
@@ -34,7 +36,7 @@ def test_steps_that_do_not_fit_are_skipped_and_recorded(tmp_path):
                           timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr  # a dry run must run every step
     steps = {(r["part"], r["step"]): r for r in _records(tmp_path) if r["sub"] == "step"}
-    assert set(steps) == {(part, name) for part, names in gpu_suite.PARTS.items() for name in names}
+    assert set(steps) == {(part, name) for part, names in PARTS.items() for name in names}
     assert all(steps[key]["status"] == "skipped" for key in steps)  # 20 s less the reserve fits none
     assert _files(tmp_path) == ["logs.tar.gz", "results.jsonl", "summary.txt"]
     assert "skipped" in (tmp_path / "summary.txt").read_text()
@@ -50,8 +52,8 @@ def test_a_short_dry_run_writes_records_summary_and_archive(tmp_path):
     ceilings = {r["sub"]: r for r in records if r["step"] == "ceilings" and r["sub"] != "step"}
     assert ceilings["copy_bandwidth"]["unit"] == "GB/s" and ceilings["copy_bandwidth"]["value"] > 0
     env = json.loads((tmp_path / "env.json").read_text())
-    assert env["torch"] and env["tree_digest"] == gpu_suite.tree_digest()
-    assert len(_files(tmp_path)) <= gpu_suite.MAX_OUT_FILES
+    assert env["torch"] and env["tree_digest"] == tree_digest()
+    assert len(_files(tmp_path)) <= MAX_OUT_FILES
     with tarfile.open(tmp_path / "logs.tar.gz") as tar:
         assert "logs/kernels.ceilings.log" in tar.getnames()
 
@@ -75,5 +77,5 @@ def test_a_driver_stopped_mid_way_leaves_valid_results(tmp_path):
     records = _records(tmp_path)  # every line parses
     status = {r["step"]: r["status"] for r in records if r["sub"] == "step"}
     assert status == {"env": "ok", "tests": "killed"}
-    assert len(_files(tmp_path)) <= gpu_suite.MAX_OUT_FILES
+    assert len(_files(tmp_path)) <= MAX_OUT_FILES
     assert "killed" in (tmp_path / "summary.txt").read_text()

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from confeti_fast.kernels import contrast as kc
 from confeti_fast.kernels import patch_nce as kp
-from confeti_fast.ops import reference
+from confeti_fast import reference
 from confeti_fast.ops.contrast import pixel_proto_contrast_cpu
-from confeti_fast.ops.sampling import sample_kept_pixels, sample_pixels
+from confeti_fast.sampling import sample_kept_pixels, sample_pixels
 from helpers import BF16_LOSS, DEVICES, FP32, assert_close_bf16_grad, needs_cuda, py_normalize
 from helpers import exact_fp32_matmul  # noqa: F401  (autouse fixture)
 
@@ -549,11 +549,49 @@ def test_contrast_has_no_host_syncs_cuda():
         torch.cuda.set_sync_debug_mode(0)
 
 
+class PtxasCannotRead(Exception):
+    """The ptxas Triton compiles with rejects the PTX version Triton wrote (the reason is the message)."""
+
+
+def _triton_ptxas(arch=90):
+    """(path, CUDA release) of the ptxas Triton compiles sm_`arch` kernels with, or None where it
+    finds none. Triton sizes the PTX .version to that ptxas: 3.9 takes bin/ptxas-blackwell (CUDA 13)
+    from sm_90 on and writes PTX the wheel's bin/ptxas (CUDA 12.9) cannot read."""
+    try:
+        from triton.backends.nvidia import compiler
+    except ImportError:
+        return None
+    try:
+        if not hasattr(compiler, "get_ptxas"):  # older Triton: one ptxas, found by name
+            return tuple(compiler._path_to_binary("ptxas"))
+        try:
+            tool = compiler.get_ptxas(arch)
+        except TypeError:  # versions whose get_ptxas() takes no arch
+            tool = compiler.get_ptxas()
+    except RuntimeError:  # "Cannot find ptxas"
+        return None
+    return (tool.path, tool.version) if hasattr(tool, "path") else tuple(tool)
+
+
+def _raise_if_ptx_version_unread(log, ptxas, release):
+    """PtxasCannotRead when ptxas's `log` says it does not read the PTX version it was given."""
+    import re
+
+    import triton
+    line = next((x.strip() for x in log.splitlines() if "Unsupported .version" in x), None)
+    if line is not None:
+        version = re.search(r"Unsupported \.version ([\d.]+)", line)
+        raise PtxasCannotRead(f"no ptxas here reads the PTX .version {version.group(1) if version else '?'} that "
+                              f"Triton {triton.__version__} writes for sm_90: Triton compiles with {ptxas} "
+                              f"(CUDA {release}), which stops with {line!r}")
+
+
 def _sm90_ptxas_info(B=2, D=512, H=81, W=81, K=19, N=4096, channels_last=True, dtype=torch.bfloat16,
                      grads=(True, True), view=False):
     """{kernel: ptxas -v line} for the contrast kernels as launched at this shape, compiled for
     sm_90 with a real launch's specialization (ints == 1 constexpr, ints and pointers % 16).
-    Needs no GPU; call without TRITON_INTERPRET (the kernels must be JIT functions)."""
+    Needs no GPU; call without TRITON_INTERPRET (the kernels must be JIT functions). Raises
+    PtxasCannotRead where Triton's ptxas does not read the PTX version Triton wrote."""
     import subprocess
     import tempfile
     import triton
@@ -574,7 +612,7 @@ def _sm90_ptxas_info(B=2, D=512, H=81, W=81, K=19, N=4096, channels_last=True, d
         kc._backward_impl(grad_ce, grad_reg, feats, labels, protos, idx, counts, saved, 0.1)
     finally:
         kc.launch = launch
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    ptxas, release = _triton_ptxas()
     info = {}
     for kernel, args, kw in launches:
         kw = dict(kw)
@@ -592,12 +630,19 @@ def _sm90_ptxas_info(B=2, D=512, H=81, W=81, K=19, N=4096, channels_last=True, d
                 sig[name] = "i32" if abs(value) < 2**31 else "i64"
                 if value % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
-        compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": num_warps})
+        try:
+            compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": num_warps})
+        except Exception as exc:  # its cubin stage runs the same ptxas
+            _raise_if_ptx_version_unread(str(exc), ptxas, release)
+            raise
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "k.ptx").write_text(compiled.asm["ptx"])
-            out = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", str(Path(tmp) / "k.ptx"), "-o",
-                                  str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=True)
+            out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(Path(tmp) / "k.ptx"), "-o",
+                                  str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+        if out.returncode != 0:
+            _raise_if_ptx_version_unread(out.stderr, ptxas, release)
+        out.check_returncode()
         info[kernel.__name__] = " ".join(line.split("ptxas info    :")[-1].strip()
                                          for line in out.stderr.splitlines() if "Used" in line or "spill" in line)
     return info
@@ -611,19 +656,26 @@ def test_contrast_kernels_compile_for_sm90_without_spills():
     import json
     import subprocess
     import sys
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
-        pytest.skip("the triton wheel ships no ptxas here")
+    pytest.importorskip("triton")
+    if _triton_ptxas() is None:
+        pytest.skip("Triton finds no ptxas to compile sm_90 kernels with here")
     code = ("import json, sys, torch; sys.path.insert(0, %r)\n"
             "import test_op_contrast as t\n"
-            "print(json.dumps([t._sm90_ptxas_info(),\n"
-            "    t._sm90_ptxas_info(D=64, H=9, W=13, N=0, grads=(False, True)),\n"
-            "    t._sm90_ptxas_info(D=64, H=9, W=13, N=50, channels_last=False, view=True, grads=(True, False))]))\n"
+            "try:\n"
+            "    result = [t._sm90_ptxas_info(),\n"
+            "        t._sm90_ptxas_info(D=64, H=9, W=13, N=0, grads=(False, True)),\n"
+            "        t._sm90_ptxas_info(D=64, H=9, W=13, N=50, channels_last=False, view=True, grads=(True, False))]\n"
+            "except t.PtxasCannotRead as why:\n"
+            "    result = {'skip': str(why)}\n"
+            "print(json.dumps(result))\n"
             % str(Path(__file__).parent))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    paper, *variants = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if isinstance(result, dict):
+        pytest.skip(result["skip"])
+    paper, *variants = result
     assert list(paper) == ["_kept_sum_kernel", "_sample_kernel", "_finalize_kernel", "_backward_kernel"]
     for name, line in paper.items():  # bf16 channels_last, D=512, K=19, N=4096
         assert "0 bytes spill stores, 0 bytes spill loads" in line, (name, line)
