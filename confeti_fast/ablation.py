@@ -139,11 +139,11 @@ def _stylizer(stage_dir):
 @torch.no_grad()
 def _stylize(style, image):
     """G(image) for an (H, W, 3) uint8 RGB image, back as uint8 (H and W multiples of 4)."""
-    from .data.transforms import normalize
-    from .visualize import denormalize
+    from .data.transforms import to_input
+    from .visualize import picture
 
-    x = normalize(image, style.mean, style.std)[None]
-    return denormalize(style.to_imagenet(style.stylize(style.to_cut(x)))[0], style.mean, style.std)
+    x = to_input(image, style.mean, style.std)[None]
+    return picture(style.translate(x)[0], style.mean, style.std)
 
 
 def _judge(work_root, judge, seed):

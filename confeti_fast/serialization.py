@@ -25,7 +25,7 @@ def save_atomic(payload, path):
     permission denied, read-only filesystem) removes the temporary file and raises one line
     naming the path and the reason."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: ranks may write at once
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:

@@ -8,6 +8,7 @@
 The trainer owns its state: `state_dict()` is the checkpoint, `load_state_dict()` resumes it
 bit for bit (in the style of torchtitan's Stateful).
 """
+import contextlib
 import math
 import signal
 import sys
@@ -17,6 +18,7 @@ import torch
 
 from . import distributed, runtime
 from .config import dump_config, merge
+from .data.check import BadSampleError, bad_samples_policy
 from .data.datasets import build_dataset
 from .data.loader import PairedSteps, paired_loader
 from .errors import ConfetiError
@@ -54,9 +56,11 @@ class Trainer:
             self._start_style_transfer(cut_checkpoint)
         self.nets.prepare(self.runtime)
 
+        # One start-up check of all three sets (data/check), its list of bad pairs in the work dir.
+        self.val_set = build_dataset(cfg["target"], "val", check=False, bad_samples=bad_samples_policy(cfg))
         self.steps = PairedSteps(cfg, stage, self.dist.rank, self.dist.world_size,
-                                 progress=progress and self.dist.is_main)
-        self.val_set = build_dataset(cfg["target"], "val")
+                                 progress=progress and self.dist.is_main,
+                                 bad_samples_file=self.work_dir / "bad_samples.txt", also_check=[self.val_set])
         self.log = TrainingLog(self.work_dir / "log.jsonl", cfg["train"]["log_interval"], self.dist,
                                self.runtime["check_finite"] == "step", self.work_dir)
         self.iteration = build_iteration(cfg, stage, self.nets, self.optimizer, self.runtime, self.dist,
@@ -124,11 +128,13 @@ class Trainer:
         bar = tqdm(total=self.max_iters, initial=self.t, desc=f"stage {self.stage}", unit="it",
                    disable=not (self.progress and main), dynamic_ncols=True)
         result = None
-        with SignalFlag(announce=main) as signals:
+        with self._state_saved_on_bad_sample(), SignalFlag(announce=main) as signals:
             for batch in loader:
                 # Between iterations: all ranks agree whether a signal came (one collective under torchrun).
                 if self.dist.any(signals.received is not None):
                     self._stop(signals.received or signal.SIGTERM)
+                if batch.get("replaced"):  # data.bad_samples=skip: what stood in for a bad file
+                    self.log.write({"iter": batch["t"], "replaced": batch["replaced"]})
                 self.log.add(self.step(batch, batch["t"]))
                 self.t = batch["t"] + 1
                 if self.log.due(self.t, self.max_iters):
@@ -194,6 +200,17 @@ class Trainer:
         save_atomic(state, self.work_dir / "last.pth")
         if improved:
             save_atomic(state, self.work_dir / "best.pth")
+
+    @contextlib.contextmanager
+    def _state_saved_on_bad_sample(self):
+        """Under data.bad_samples=error a file that fails to decode mid-run (in a batch or in an
+        evaluation) stops the run, after the state of the last finished iteration is saved: by
+        whichever rank met it, since all ranks hold the same state."""
+        try:
+            yield
+        except BadSampleError:
+            save_atomic(self.state_dict(), self.work_dir / "last.pth")
+            raise
 
     def _stop(self, signum):
         """Write the state after the last finished iteration, say how to resume, and stop."""

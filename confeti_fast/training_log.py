@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfetiError
+from .serialization import writing
 
 
 class NonFiniteLoss(ConfetiError):
@@ -126,7 +127,7 @@ class TrainingLog:
         scalar per number; rank 0 only."""
         if not self.dist.is_main:
             return
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         writer = self.tensorboard
         if writer is not None:

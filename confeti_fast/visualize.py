@@ -7,19 +7,18 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from .data.labels import colorize
+from .data.normalization import denormalize
+from .serialization import writing
 from .evaluation import METRIC_NAMES
 from .training_log import read_log
 
 
-def denormalize(image, mean, std):
+def picture(image, mean, std):
     """(3, H, W) normalized tensor -> (H, W, 3) uint8."""
-    mean = torch.as_tensor(mean).view(3, 1, 1)
-    std = torch.as_tensor(std).view(3, 1, 1)
-    rgb = image.detach().float().cpu() * std + mean
+    rgb = denormalize(image.detach().float().cpu(), mean, std)
     return rgb.clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
@@ -52,8 +51,9 @@ def save_panel(tiles, path, columns=3, writer=None, tag=None, step=None):
     """Write titled (title, HxWx3 uint8) tiles as a grid PNG (and to `writer`, a TensorBoard
     SummaryWriter, as image `tag` at `step`, when given)."""
     grid = panel_image(tiles, columns)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with writing(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
     if writer is not None:
         writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
     return path
@@ -142,7 +142,9 @@ def _style_panel(ax, style):
 
 def plot_curves(log_path, out_path):
     """Training curves of a JSON-lines training log as one PNG (`curves_figure`)."""
-    curves_figure(log_path).savefig(out_path)
+    figure = curves_figure(log_path)
+    with writing(out_path):
+        figure.savefig(out_path)
     return out_path
 
 
@@ -206,17 +208,17 @@ def save_iteration_pictures(images, work_dir, t, mean, std, writer=None):
     'panels/classmix' at step t."""
     work_dir = Path(work_dir)
     if "x_st" in images:
-        stylized = [denormalize(x, mean, std) for x in images["x_st"]]
-        save_panel([("source", denormalize(images["x_s"][0], mean, std)), ("stylized", stylized[0]),
-                    ("target", denormalize(images["x_t"][0], mean, std))], work_dir / "panels" / f"style_{t:06d}.png",
+        stylized = [picture(x, mean, std) for x in images["x_st"]]
+        save_panel([("source", picture(images["x_s"][0], mean, std)), ("stylized", stylized[0]),
+                    ("target", picture(images["x_t"][0], mean, std))], work_dir / "panels" / f"style_{t:06d}.png",
                    writer=writer, tag="panels/style", step=t)
         for j, image in enumerate(stylized):
             save_panel([(f"stylized {t}", image)], work_dir / "stylized" / f"{t:06d}_{j}.png", 1)
     if "x_m" in images:
         save_panel([
-            ("source", denormalize(images["x_s"][0], mean, std)),
-            ("target", denormalize(images["x_t"][0], mean, std)),
-            ("mixed", denormalize(images["x_m"][0], mean, std)),
+            ("source", picture(images["x_s"][0], mean, std)),
+            ("target", picture(images["x_t"][0], mean, std)),
+            ("mixed", picture(images["x_m"][0], mean, std)),
             ("mixed label", label_picture(images["y_m"][0])),
             ("pseudo label", label_picture(images["y_t"][0])),
             ("weights", weight_picture(images["w_m"][0])),

@@ -16,6 +16,10 @@
     # generate: None reads the data at root; "demo" writes the embedded demo pair there first.
     "source": {"type": "gta5", "root": "data/gta5", "resize": [1280, 720], "generate": None},
     "target": {"type": "cityscapes", "root": "data/cityscapes", "resize": [1280, 640], "generate": None},
+    # A pair that fails the start-up check (data/check): "error" refuses the dataset, "skip"
+    # leaves it out; one that fails to decode later stops the run after a save ("error") or is
+    # replaced by the next index that decodes ("skip"). docs/training.md, "Checking a dataset".
+    "data": {"bad_samples": "error"},
     "pipeline": {
         "cat_max_ratio": 0.75,  # source crops only
         "flip_prob": 0.5,
