@@ -51,7 +51,7 @@ def check_precision(runtime, device):
 
 
 def resolve(runtime, device_type, announce=True):
-    """The `runtime` config section (validated by config.py) with every "auto" or missing
+    """The `runtime` config section (validated by the config package) with every "auto" or missing
     choice replaced by the device's default. `announce`: print the notes (rank 0 only)."""
     runtime = runtime or {}
     defaults = DEFAULTS["cuda" if device_type == "cuda" else "cpu"]

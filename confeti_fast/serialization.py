@@ -5,16 +5,14 @@ the style transfer and the CLIs can all read and write files without import circ
 Checkpoints are read with `torch.load(weights_only=True)`: tensors and plain literals only,
 plus, for the authors' mmcv files, numpy's scalar and array rebuilders (`read_mmcv_checkpoint`).
 """
-import contextlib
 import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
 import torch
 
-from .errors import ConfetiError
+from .errors import ConfetiError, write_failure
 
 TRAINING_FORMAT = "confeti_fast/1"  # the "format" entry of every checkpoint the trainer writes
 
@@ -38,28 +36,6 @@ def save_atomic(payload, path):
         kept = f"; the previous {path.name} is intact" if path.is_file() else ""
         raise ConfetiError(f"cannot write {path}: {write_failure(err, path.parent)}{kept}") from None
     return path
-
-
-def write_failure(err, folder):
-    """Why a write into `folder` failed, in a few words."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    try:
-        if shutil.disk_usage(folder).free < 64 * 2 ** 20:
-            return "No space left on device"
-    except OSError:
-        pass
-    return " ".join(str(err).split())[:160]
-
-
-@contextlib.contextmanager
-def writing(path):
-    """Around the writing of a log, a picture or a prediction: an OSError becomes one line
-    naming the file and the reason."""
-    try:
-        yield
-    except OSError as err:
-        raise ConfetiError(f"cannot write {path}: {write_failure(err, Path(path).parent)}") from None
 
 
 def _load_failure(path, err):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfetiError
-from .serialization import writing
+from .errors import writing
 
 
 class NonFiniteLoss(ConfetiError):

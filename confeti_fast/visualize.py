@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from .data.labels import colorize
 from .data.normalization import denormalize
-from .serialization import writing
+from .errors import writing
 from .evaluation import METRIC_NAMES
 from .training_log import read_log
 

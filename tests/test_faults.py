@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from confeti_fast import runtime, serialization
+from confeti_fast import errors, runtime, serialization
 from confeti_fast.config import dump_config, merge
-from confeti_fast.errors import ConfetiError
+from confeti_fast.errors import ConfetiError, writing
 from confeti_fast.preemption import SignalFlag, resume_command
-from confeti_fast.serialization import load_training_checkpoint, save_atomic, writing
+from confeti_fast.serialization import load_training_checkpoint, save_atomic
 from confeti_fast.trainer import Trainer
 from confeti_fast.training_log import read_log
 from helpers import REPO, assert_states_equal, tiny_config
@@ -116,7 +116,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_file(tmp_p
         raise failure
 
     monkeypatch.setattr(torch, "save", save_dies_halfway)
-    monkeypatch.setattr(serialization.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 0})())
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 0})())
     with pytest.raises(ConfetiError) as err:
         save_atomic({"iteration": 4}, last)
     message = str(err.value)
@@ -139,7 +139,7 @@ def test_a_disk_full_in_a_run_stops_with_one_line_and_a_loadable_last_checkpoint
         real_save(obj, f)
 
     monkeypatch.setattr(torch, "save", disk_fills_at_the_second_checkpoint)
-    monkeypatch.setattr(serialization.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1024})())
+    monkeypatch.setattr(errors.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1024})())
     with pytest.raises(ConfetiError, match="No space left on device; the previous last.pth is intact"):
         run.train()
     last = tmp_path / "run" / "stage2" / "last.pth"
@@ -147,7 +147,7 @@ def test_a_disk_full_in_a_run_stops_with_one_line_and_a_loadable_last_checkpoint
     assert _tmp_files(tmp_path / "run") == []
 
 
-def test_log_panel_and_curve_writes_that_fail_name_the_file(tmp_path):
+def test_log_panel_curve_prediction_and_config_writes_that_fail_name_the_file(tmp_path):
     from confeti_fast.visualize import plot_curves, save_panel
 
     blocked = tmp_path / "not_a_folder"
@@ -158,6 +158,12 @@ def test_log_panel_and_curve_writes_that_fail_name_the_file(tmp_path):
     log.write_text('{"iter": 1, "loss/src_ce": 1.0}\n')
     with pytest.raises(ConfetiError, match=rf"cannot write {blocked / 'curves.png'}: (File exists|Not a directory)$"):
         plot_curves(log, blocked / "curves.png")
+    from confeti_fast.evaluation import write_png
+
+    with pytest.raises(ConfetiError, match=rf"cannot write {blocked / 'a.png'}: (File exists|Not a directory)$"):
+        write_png(torch.zeros(4, 4, dtype=torch.uint8).numpy(), blocked / "a.png")  # a prediction
+    with pytest.raises(ConfetiError, match=rf"cannot write {blocked / 'config.py'}: (File exists|Not a directory)$"):
+        dump_config({"name": "x"}, blocked / "config.py")
     with pytest.raises(ConfetiError, match=rf"cannot write {blocked / 'log.jsonl'}: Not a directory"):
         with writing(blocked / "log.jsonl"), open(blocked / "log.jsonl", "a") as f:
             f.write("{}\n")

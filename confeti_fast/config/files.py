@@ -3,7 +3,7 @@ writing a resolved one."""
 import pprint
 from pathlib import Path
 
-from ..errors import ConfetiError
+from ..errors import ConfetiError, writing
 from .overrides import merge
 from .presets import read_raw
 from .schema import build_schema, check_keys, validate_config
@@ -42,7 +42,8 @@ def load_config(preset_or_path, overrides=None, overrides_origin="overrides"):
 def dump_config(cfg, path):
     """Write a resolved config as a readable, diffable literal file that `load_config` reads back."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = pprint.pformat(cfg, indent=1, width=100, sort_dicts=True)
-    path.write_text(f"# Resolved confeti_fast config ({cfg['name']}); read by test.py and --resume.\n{body}\n")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# Resolved confeti_fast config ({cfg['name']}); read by test.py and --resume.\n{body}\n")
     return path

@@ -5,6 +5,7 @@ import numpy as np
 
 from ..data.labels import colorize
 from ..errors import ConfetiError
+from ..errors import writing
 
 
 def overlay_image(image, pred):
@@ -26,8 +27,9 @@ def write_png(array, path):
     from PIL import Image
 
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
 
 
 def show_image(image, pred, label):
