@@ -113,13 +113,13 @@ def test_second_check_reads_no_header_and_a_touched_file_is_read_again(tmp_path,
     datasets.gta5(root, check=True)
     assert (root / check.CACHE_NAME).is_file()
     opened = []
-    real_open = check.Image.open
+    real_open = check.files.Image.open
 
     def counting_open(fp, *args, **kwargs):
         opened.append(getattr(fp, "name", fp))
         return real_open(fp, *args, **kwargs)
 
-    monkeypatch.setattr(check.Image, "open", counting_open)
+    monkeypatch.setattr(check.files.Image, "open", counting_open)
     assert len(datasets.gta5(root, check=True)) == 4
     assert opened == []
     touched = root / "labels" / "00002.png"
@@ -138,7 +138,7 @@ def test_an_unwritable_cache_is_no_cache_and_no_failure(tmp_path, monkeypatch):
     (root / "blocker").write_text("a file where the cache's folder would be")
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / ".cache").write_text("a file, not a folder")
-    monkeypatch.setattr(check, "CACHE_NAME", "blocker/cache.json")
+    monkeypatch.setattr(check.cache, "CACHE_NAME", "blocker/cache.json")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert len(datasets.gta5(root, check=True)) == 2
     assert len(datasets.gta5(root, check=True)) == 2
