@@ -71,6 +71,7 @@ setup(
         "confeti_fast",
         "confeti_fast.config",
         "confeti_fast.data",
+        "confeti_fast.data.check",
         "confeti_fast.data.demo",
         "confeti_fast.evaluation",
         "confeti_fast.models",

@@ -118,3 +118,13 @@ def test_a_package_init_importing_a_child_that_imports_its_parent_is_a_circle(tm
     monkeypatch.setitem(globals(), "ROOTS", {"confeti_fast": pkg})
     cycle = find_cycle(import_graph(package_modules()))
     assert cycle is not None and "confeti_fast.ops.child" in cycle
+
+
+def test_setup_py_installs_every_package():
+    """A subpackage missing from setup.py's explicit list works in a checkout and is absent
+    from a non-editable install."""
+    listed = set(ast.literal_eval(next(
+        node.value for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
+        if isinstance(node, ast.keyword) and node.arg == "packages")))
+    packages = {name for name, (_, is_package) in package_modules().items() if is_package}
+    assert packages - listed == set()
