@@ -7,6 +7,7 @@ so the iteration under way finishes, a checkpoint is written, and the run exits 
 is being written is noted and ignored: the write (temporary file, then rename) completes, and
 a SIGKILL during it leaves the previous checkpoint in place.
 """
+import shlex
 import signal
 import sys
 import threading
@@ -59,4 +60,4 @@ def resume_command(argv=None):
         at = argv.index("--resume")
         del argv[at:at + 2]
     argv = [arg for arg in argv if not arg.startswith("--resume=")]
-    return " ".join(["python", *argv, "--resume", "auto"])
+    return shlex.join(["python", *argv, "--resume", "auto"])  # quoted: it is meant to be pasted

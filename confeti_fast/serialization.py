@@ -32,9 +32,10 @@ def save_atomic(payload, path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        reason = write_failure(err, path.parent)  # before the temporary file frees its space
         tmp.unlink(missing_ok=True)
         kept = f"; the previous {path.name} is intact" if path.is_file() else ""
-        raise ConfetiError(f"cannot write {path}: {write_failure(err, path.parent)}{kept}") from None
+        raise ConfetiError(f"cannot write {path}: {reason}{kept}") from None
     return path
 
 

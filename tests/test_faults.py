@@ -97,6 +97,8 @@ def test_resume_command_replaces_any_resume_option():
     assert resume_command(["train.py", "--stage", "2"]) == "python train.py --stage 2 --resume auto"
     assert resume_command(["train.py", "--resume", "x/last.pth", "--stage", "1"]) == \
         "python train.py --stage 1 --resume auto"
+    assert resume_command(["train.py", "--work-dir", "my runs/a"]) == \
+        "python train.py --work-dir 'my runs/a' --resume auto"
 
 
 @pytest.mark.parametrize("failure, reason", [
