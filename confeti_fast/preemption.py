@@ -7,6 +7,7 @@ so the iteration under way finishes, a checkpoint is written, and the run exits 
 is being written is noted and ignored: the write (temporary file, then rename) completes, and
 a SIGKILL during it leaves the previous checkpoint in place.
 """
+import os
 import shlex
 import signal
 import sys
@@ -60,4 +61,7 @@ def resume_command(argv=None):
         at = argv.index("--resume")
         del argv[at:at + 2]
     argv = [arg for arg in argv if not arg.startswith("--resume=")]
-    return shlex.join(["python", *argv, "--resume", "auto"])  # quoted: it is meant to be pasted
+    command = shlex.join(["python", *argv, "--resume", "auto"])  # quoted: it is meant to be pasted
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a worker cannot see torchrun's own options
+        return f"the same torchrun command, its script part being: {command[len('python '):]}"
+    return command

@@ -252,3 +252,37 @@ def test_a_file_that_turns_bad_mid_run_stops_after_a_save_or_is_replaced(tmp_pat
         runs.append((replaced, run.state_dict()))
     assert runs[0][0] and runs[0][0] == runs[1][0]  # recorded, and the same stand-ins each time
     assert_states_equal(runs[0][1], runs[1][1])
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_iteration_and_resumes_bitwise(tmp_path):
+    """torchrun forwards the SIGTERM to its workers; they agree on the iteration, rank 0 saves and
+    alone says so, and 2 processes resumed end where 2 processes run straight do."""
+    from helpers import rank_check_env
+
+    cfg = merge(tiny_config(tmp_path), {"stages": {"2": {"iters": ITERS}}, "evaluation": {"interval": 4}})
+    cfg_path = dump_config(cfg, tmp_path / "cfg.py")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+    def command(work_dir, *extra):
+        return launcher + _train_command(cfg_path, work_dir, *extra)[1:]
+
+    out = tmp_path / "stopped" / "stage2"
+    proc = subprocess.Popen(command(tmp_path / "stopped"), env=rank_check_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while len(_loss_records(out / "log.jsonl")) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the torchrun agent, as a scheduler does
+    _, err = proc.communicate(timeout=300)
+    stopped_at = load_training_checkpoint(out / "last.pth")["iteration"]
+    stops = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert len(stops) == 1 and f"after {stopped_at} iterations" in stops[0], err[-3000:]
+    assert "the same torchrun command" in stops[0] and 2 <= stopped_at < ITERS
+    for work_dir, extra in ((tmp_path / "stopped", ("--resume", "auto")), (tmp_path / "straight", ())):
+        done = subprocess.run(command(work_dir, *extra), env=rank_check_env(), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a = load_training_checkpoint(tmp_path / "straight" / "stage2" / "last.pth")
+    b = load_training_checkpoint(out / "last.pth")
+    for key in ("model", "student", "teacher", "prototypes", "proto_counts", "optimizer"):
+        assert_states_equal(a[key], b[key], key)
