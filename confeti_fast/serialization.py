@@ -34,7 +34,8 @@ def save_atomic(payload, path):
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         reason = write_failure(err, path.parent)  # before the temporary file frees its space
         tmp.unlink(missing_ok=True)
-        kept = f"; the previous {path.name} is intact" if path.is_file() else ""
+        kept = f"; the previous {path.name} is intact: once that is fixed, --resume auto continues from it" \
+            if path.is_file() else ""
         raise ConfetiError(f"cannot write {path}: {reason}{kept}") from None
     return path
 
