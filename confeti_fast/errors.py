@@ -47,8 +47,6 @@ def run_cli(main, argv=None):
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except StopRequested as stop:  # a preemption: the state is saved, the run can go on later
-        from .distributed import launched_as_main
-
-        if launched_as_main():  # one line per run, not per rank
+        if stop.announce:  # one line per run, not per rank
             print(stop, file=sys.stderr, flush=True)
         raise SystemExit(stop.exit_code) from None

@@ -17,11 +17,12 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequested(Exception):
-    """The run stopped on a signal after saving its state; `exit_code` is 128 + the signal."""
+    """The run stopped on a signal after saving its state; `exit_code` is 128 + the signal,
+    `announce` whether this process prints the line (rank 0)."""
 
-    def __init__(self, message, signum):
+    def __init__(self, message, signum, announce=True):
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.exit_code, self.announce = 128 + signum, announce
 
 
 class SignalFlag:

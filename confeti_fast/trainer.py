@@ -220,7 +220,8 @@ class Trainer:
         self.log.close()
         distributed.shutdown()  # every rank waits for rank 0's write
         raise StopRequested(f"stopped by {signal.Signals(signum).name} after {self.t} iterations of stage "
-                            f"{self.stage}: state saved in {last}; resume with: {resume_command()}", signum)
+                            f"{self.stage}: state saved in {last}; resume with: {resume_command()}", signum,
+                            announce=self.dist.is_main)
 
     # ------------------------------------------------------------------ state
     def state_dict(self):
