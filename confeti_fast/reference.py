@@ -8,9 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .data.labels import IGNORE_INDEX
 from .sampling import sample_kept_pixels
-
-IGNORE_INDEX = 255
 
 
 def _flatten_pixels(maps):
