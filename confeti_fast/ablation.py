@@ -1,6 +1,6 @@
 """The demo ablation: each component's gain over seeds, at the same stage-2 budget.
 
-    python -m confeti_fast.ablation [--seeds 0 1 2] [--rows ROW ...] [--out docs/ablation]
+    python -m confeti_fast.ablation [--seeds 0 1 2 3 4] [--rows ROW ...] [--out docs/ablation]
                                     [--work-dir work_dirs/ablation]
 
 Rows (presets): source_only, self_training (demo_selftrain), contrast (demo_nostyle: + CAM,
@@ -116,12 +116,16 @@ def plot(summary, path):
 
 
 # Who judges G(x_s): segmentors that never saw a stylized image, one trained on the source's
-# look (source_only), one on the target's (oracle). Which views of each held-out source image.
+# look (source_only), one on the target's (oracle). Which views of each held-out source image:
+# x_s, the colour-model baseline, G at the end of stage 0 and of stage 1, and the ideal
+# translation (the same scene rendered in the target's look: what a perfect G would give).
 JUDGES = ("source_only", "oracle")
-VIEWS = ("plain", "stage0_g", "stage1_g")
-VIEW_TITLES = {"plain": "x_s", "stage0_g": "G(x_s), end of stage 0", "stage1_g": "G(x_s), end of stage 1"}
+VIEWS = ("plain", "colour", "stage0_g", "stage1_g", "ideal")
+VIEW_TITLES = {"plain": "x_s", "colour": "colour model", "stage0_g": "G(x_s), end of stage 0",
+               "stage1_g": "G(x_s), end of stage 1", "ideal": "ideal translation"}
+PAIRED = ("psnr", "ssim", "edge")  # style.paired_scores against the ideal translation
 STYLE_FIELDS = ["seed", "images"] + [f"{judge}_{view}_miou" for judge in JUDGES for view in VIEWS] \
-    + ["stage0_g_ssim", "stage1_g_ssim"]
+    + [f"{view}_ideal_{score}" for view in VIEWS[:-1] for score in PAIRED] + ["oracle_stage1_g_share"]
 
 
 def _stylizer(stage_dir):
@@ -161,50 +165,82 @@ def _stylization_ready(work_root, seed):
     return all(p.is_file() for p in needed + [work_root / "full" / f"seed{seed}" / "stage1" / "last.pth"])
 
 
+def _colour_model():
+    """The colour-model baseline, fitted on the demo's training images (all source images and
+    the target's train split, as a run sees them)."""
+    from .data.demo import DEFAULT_COUNTS, make_image
+    from .style import colour_transfer, dataset_colour_statistics
+
+    stats = [dataset_colour_statistics(make_image(domain, i)[0] for i in range(DEFAULT_COUNTS[key]))
+             for domain, key in (("source", "source"), ("train", "train"))]
+    return lambda image: colour_transfer(image, *stats)
+
+
+def _as_batch(image):
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+
+
 @torch.no_grad()
 def stylization_check(work_root, seed, count=60, picture=None):
     """Whether G keeps the scene, judged on `count` held-out demo source images (indices after
-    the ones the runs train on), plain and stylized by the full run's G at the end of stage 0
-    (where stage 1 starts) and at the end of stage 1 (what stage 2 trains on). The judges are
-    the source-only and the oracle runs' segmentors: mIoU against the images' own labels (the
-    oracle rises on G(x_s) as far as G gives the target's look and keeps the layout), and the
-    mean grey-level SSIM of G(x_s) to x_s. Returns a STYLE_FIELDS row. `picture`: also write
-    the first image's panel there (the views above, the oracle's predictions below)."""
-    from .data.demo import DEFAULT_COUNTS, make_image
+    the ones the runs train on), in the views VIEWS: x_s, the colour model, the full run's G at
+    the end of stage 0 (where stage 1 starts) and of stage 1 (what stage 2 trains on), and the
+    ideal translation. The judges are the source-only and the oracle runs' segmentors: mIoU
+    against the images' own labels (the oracle rises on G(x_s) as far as G gives the target's
+    look and keeps the layout; on the ideal translation it reads its ceiling). Each view but the
+    ideal is also scored against the ideal (PSNR, SSIM, edge agreement). Returns a STYLE_FIELDS
+    row. `picture`: also write the first image's panel there (x_s, G(x_s) at the end of stage
+    1 and the ideal above, the oracle's predictions on each below)."""
+    from .data.demo import held_out_sources, make_ideal_translation
     from .data.labels import cityscapes_to_train_ids, colorize
     from .evaluation import class_iou, confusion_matrix, mean_iou, predict_logits
-    from .style import structure_similarity
+    from .style import paired_scores
     from .visualize import save_panel
 
     full = work_root / "full" / f"seed{seed}"
     judges = {judge: _judge(work_root, judge, seed) for judge in JUDGES}
-    stylizers = {"stage0_g": _stylizer(full / "stage0"), "stage1_g": _stylizer(full / "stage1")}
+    makers = {"colour": _colour_model(), "stage0_g": _stylizer(full / "stage0"),
+              "stage1_g": _stylizer(full / "stage1")}
     cms = {(judge, view): 0 for judge in JUDGES for view in VIEWS}
-    ssims = {view: [] for view in stylizers}
-    first = DEFAULT_COUNTS["source"]
-    for index in range(first, first + count):
-        image, label_ids = make_image("source", index, seed=0)  # the demo data's seed, not the run's
+    paired = {view: [] for view in VIEWS[:-1]}
+    for index in held_out_sources(count):
+        image, ideal, label_ids = make_ideal_translation(index, seed=0)  # the demo data's seed, not the run's
         label = cityscapes_to_train_ids(label_ids)
-        views = {"plain": image, **{view: _stylize(g, image) for view, g in stylizers.items()}}
+        views = {"plain": image, "ideal": ideal}
+        views.update({view: maker(image) if view == "colour" else _stylize(maker, image)
+                      for view, maker in makers.items()})
         preds = {}
         for (judge, view) in cms:
             model, cfg = judges[judge]
             preds[judge, view] = predict_logits(model, views[view], cfg).argmax(1)[0].numpy()
             cms[judge, view] = cms[judge, view] + confusion_matrix(preds[judge, view], label)
-        for view in stylizers:
-            pair = [torch.from_numpy(v).permute(2, 0, 1)[None].float() / 255 for v in (image, views[view])]
-            ssims[view].append(float(structure_similarity(*pair)))
-        if picture is not None and index == first:
-            tiles = [(VIEW_TITLES[view], views[view]) for view in VIEWS]
-            tiles += [(f"oracle segmentor on {VIEW_TITLES[view]}", colorize(preds["oracle", view]))
-                      for view in VIEWS]
+        for view in paired:
+            paired[view].append(paired_scores(_as_batch(views[view]), _as_batch(ideal)))
+        if picture is not None and index == held_out_sources(1)[0]:
+            shown = ("plain", "stage1_g", "ideal")
+            tiles = [(VIEW_TITLES[view], views[view]) for view in shown]
+            tiles += [(f"oracle on {VIEW_TITLES[view]}", colorize(preds["oracle", view])) for view in shown]
             save_panel(tiles, picture)
     row = {"seed": seed, "images": count}
     for (judge, view), cm in cms.items():
         row[f"{judge}_{view}_miou"] = f"{100 * mean_iou(class_iou(cm)):.2f}"
-    for view, values in ssims.items():
-        row[f"{view}_ssim"] = f"{sum(values) / len(values):.3f}"
+    for view, scores in paired.items():
+        for score in PAIRED:
+            row[f"{view}_ideal_{score}"] = f"{sum(s[score] for s in scores) / len(scores):.3f}"
+    # how much of its reading of the ideal translation the oracle keeps on G(x_s)
+    row["oracle_stage1_g_share"] = f"{float(row['oracle_stage1_g_miou']) / float(row['oracle_ideal_miou']):.3f}"
     return row
+
+
+def summarize_stylization(rows):
+    """Mean and sample std over seeds of every stylization column: [{column, n, mean, std}]."""
+    out = []
+    for column in STYLE_FIELDS[2:]:
+        values = [float(r[column]) for r in rows]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append({"column": column, "n": len(values), "mean": round(statistics.mean(values), 3),
+                    "std": round(std, 3)})
+    return out
 
 
 def _stylization_table(work_root, seeds, out):
@@ -217,16 +253,18 @@ def _stylization_table(work_root, seeds, out):
             continue
         row = stylization_check(work_root, seed, picture=out / "stylization.png" if not rows else None)
         for judge in JUDGES:
-            print(f"ablation: stylization check, seed {seed}: {judge} segmentor, mIoU on held-out sources "
-                  f"{row[f'{judge}_plain_miou']} plain, {row[f'{judge}_stage0_g_miou']} through stage 0's G, "
-                  f"{row[f'{judge}_stage1_g_miou']} through stage 1's G", flush=True)
+            readings = ", ".join(f"{VIEW_TITLES[view]} {row[f'{judge}_{view}_miou']}" for view in VIEWS)
+            print(f"ablation: stylization check, seed {seed}: {judge} segmentor, mIoU on held-out sources: "
+                  f"{readings}", flush=True)
         rows.append(row)
         _write_csv(path, STYLE_FIELDS, rows)
+    if rows:
+        _write_csv(out / "stylization_summary.csv", ["column", "n", "mean", "std"], summarize_stylization(rows))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--out", type=Path, default=Path("docs/ablation"), help="the CSVs and the chart")
     parser.add_argument("--work-dir", type=Path, default=Path("work_dirs/ablation"), help="the runs' outputs")

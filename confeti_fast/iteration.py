@@ -91,9 +91,14 @@ class Iteration:
             g_losses = style.g_losses(cut["real_source"], cut["fake"], cut["real_target"], cut["identity"], gen)
         if consistency is not None:
             g_losses["consistency"] = consistency
+        norms = style.gradient_norms(g_losses) if self.logs_style_gradients(t) else {}
         self.backward(g_losses, t)
         self.optimizer_step(style.opt_G)
-        return {name: value.detach() for name, value in {**d_losses, **g_losses}.items()}
+        return {name: value.detach() for name, value in {**d_losses, **g_losses, **norms}.items()}
+
+    def logs_style_gradients(self, t):
+        """train.log_style_gradients: each G loss term's gradient norm, at the log's interval."""
+        return self.train_cfg["log_style_gradients"] and t % self.train_cfg["log_interval"] == 0
 
 
 class SourceOnly(Iteration):

@@ -23,7 +23,7 @@ class StyleTransfer:
         self.cfg, self.mean, self.std = cut_cfg, mean, std
         self.prepare = prepare or (lambda x: x)
         nets = build_cut(cut_cfg["ngf"], cut_cfg["ndf"], cut_cfg["n_blocks"], cut_cfg["nce_dim"],
-                         cut_cfg["num_patches"])
+                         cut_cfg["num_patches"], cut_cfg["generator"], cut_cfg["d_layers"])
         self.G, self.D, self.F = (net.to(device) for net in nets)
         betas = tuple(cut_cfg["betas"])
         fused = fused or None  # None: torch's default (foreach)
@@ -62,18 +62,39 @@ class StyleTransfer:
         queries, _ = self.F(self.G(fake, nce_layers=NCE_LAYERS), patch_ids=ids)
         return ops.patch_nce(queries, keys, real.shape[0], tau=self.cfg["nce_tau"])
 
+    def judge(self, x):
+        """D's patch scores. With cut.d_ignore_bottom = k > 0 (not CUT's) D sees every image
+        without its bottom k rows, where the target's ego hood lies and no source image has one,
+        so that D cannot tell the domains apart by a cue G cannot remove."""
+        rows = self.cfg["d_ignore_bottom"]
+        return self.D(x[..., : x.shape[-2] - rows, :] if rows else x)
+
     def d_loss(self, real_target, fake):
         """D's LSGAN loss: 0.5 [(D(x_t) - 1)^2 + D(G(x_s).detach())^2]."""
-        return 0.5 * (lsgan_loss(self.D(real_target), True) + lsgan_loss(self.D(fake.detach()), False))
+        return 0.5 * (lsgan_loss(self.judge(real_target), True) + lsgan_loss(self.judge(fake.detach()), False))
 
     def g_losses(self, real_source, fake, real_target, identity, gen):
-        """G and F's losses: LSGAN(D(G(x_s)), 1) and 0.5 [NCE(x_s, G(x_s)) + NCE(x_t, G(x_t))].
+        """G and F's losses: LSGAN(D(G(x_s)), 1) and 0.5 [NCE(x_s, G(x_s)) + NCE(x_t, G(x_t))],
+        and with cut.identity_l1_weight > 0 (not CUT's) that weight times |G(x_t) - x_t|.
         D is built into the graph without gradients, so their backward leaves D alone."""
         self.D.requires_grad_(False)
-        gan = lsgan_loss(self.D(fake), True)
+        gan = lsgan_loss(self.judge(fake), True)
         self.D.requires_grad_(True)
         nce = 0.5 * (self.nce(real_source, fake, gen) + self.nce(real_target, identity, gen))
-        return {"cut_gan": gan, "cut_nce": nce}
+        losses = {"cut_gan": gan, "cut_nce": nce}
+        if self.cfg["identity_l1_weight"] > 0:
+            losses["cut_idt_l1"] = self.cfg["identity_l1_weight"] * (identity.float() - real_target.float()).abs().mean()
+        return losses
+
+    def gradient_norms(self, losses):
+        """The L2 norm of each loss term's gradient on G's weights (a diagnostic: which term
+        moves G how much), without touching .grad; the graphs are kept for the real backward."""
+        weights = [p for p in self.G.parameters() if p.requires_grad]
+        norms = {}
+        for name, loss in losses.items():
+            grads = torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+            norms[f"grad_G/{name}"] = torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None))
+        return norms
 
     def state_dict(self):
         state = {name: net.state_dict() for name, net in self.modules().items()}
@@ -142,6 +163,51 @@ def structure_similarity(rgb_a, rgb_b):
     return ssim(_grey(rgb_a), _grey(rgb_b))
 
 
+def edge_strength(rgb):
+    """Sobel gradient magnitude of the grey levels of (B, 3, H, W) RGB in [0, 1]; (B, 1, H-2, W-2)."""
+    grey = _grey(rgb)
+    sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=rgb.device)
+    kernels = torch.stack([sobel, sobel.t()])[:, None]
+    gradients = torch.nn.functional.conv2d(grey, kernels)
+    return gradients.pow(2).sum(1, keepdim=True).sqrt()
+
+
+def edge_agreement(rgb_a, rgb_b):
+    """Per-pair Pearson correlation of the two images' edge strengths (1: edges in the same
+    places with the same relative strength; a blur or a lost edge lowers it); shape (B,)."""
+    a, b = (edge_strength(x).flatten(1) for x in (rgb_a, rgb_b))
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
+def psnr(rgb_a, rgb_b):
+    """Per-pair peak signal-to-noise ratio (dB) of RGB batches in [0, 1]; shape (B,)."""
+    mse = (rgb_a - rgb_b).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
+def paired_scores(rgb, ideal):
+    """How close each image is to its ideal translation (the same scene in the target's look):
+    PSNR (dB), grey-level SSIM and edge agreement, each the mean over the batch."""
+    return {"psnr": float(psnr(rgb, ideal).mean()), "ssim": float(structure_similarity(rgb, ideal).mean()),
+            "edge": float(edge_agreement(rgb, ideal).mean())}
+
+
+def dataset_colour_statistics(images):
+    """Per-channel mean and std over all pixels of (H, W, 3) uint8 images: ((3,), (3,)) in 0..255."""
+    pixels = torch.cat([torch.from_numpy(image).reshape(-1, 3).double() for image in images])
+    return pixels.mean(0), pixels.std(0)
+
+
+def colour_transfer(image, source_stats, target_stats):
+    """The cheap, edge-preserving baseline for G: each channel of an (H, W, 3) uint8 image
+    mapped affinely from the source set's mean and std to the target set's. It changes colours
+    only, so every edge stays where it was; it cannot change textures, noise or blur."""
+    (mean_s, std_s), (mean_t, std_t) = source_stats, target_stats
+    moved = (torch.from_numpy(image).double() - mean_s) / std_s * std_t + mean_t
+    return moved.round().clamp(0, 255).byte().numpy()
+
+
 def colour_statistics(rgb):
     """Per-image channel means and standard deviations, (B, 6), in [0, 1] units."""
     return torch.cat([rgb.mean(dim=(2, 3)), rgb.std(dim=(2, 3))], dim=1)
@@ -163,3 +229,15 @@ def stylization_scores(style, x_s, x_t, mean, std):
         "style/appearance_dist": float(255 * (colour_statistics(stylized) - target_stats).norm(dim=1).mean()),
         "style/appearance_dist_source": float(255 * (colour_statistics(source) - target_stats).norm(dim=1).mean()),
     }
+
+
+@torch.no_grad()
+def ideal_translation_scores(style, x_s, ideal, mean, std):
+    """G(x_s) against the ideal translation of the same scenes (the demo renders each scene in
+    both looks): style/ideal_{psnr,ssim,edge}, and style/ideal_{...}_source for x_s itself, the
+    scores of not translating at all."""
+    fake = style.translate(x_s)
+    source, stylized, target = ((denormalize(x.float(), mean, std) / 255.0).clamp(0, 1) for x in (x_s, fake, ideal))
+    scores = {f"style/ideal_{k}": v for k, v in paired_scores(stylized, target).items()}
+    scores.update({f"style/ideal_{k}_source": v for k, v in paired_scores(source, target).items()})
+    return scores

@@ -29,13 +29,13 @@ from .networks import build_networks
 from .optim import build_optimizer
 from .preemption import SignalFlag, StopRequested, resume_command
 from .serialization import TRAINING_FORMAT, load_training_checkpoint, save_atomic
-from .style import load_style, stylization_scores
+from .style import ideal_translation_scores, load_style, stylization_scores
 from .training_log import NonFiniteLoss, TrainingLog  # noqa: F401  (NonFiniteLoss: the run's NaN stop)
 from .visualize import plot_curves, save_iteration_pictures
 
 # Config sections that change how a run executes or reports, not what it computes: a resume
 # may change them without a warning.
-NOT_METHOD_KEYS = ("name", "runtime", "data_loader", "evaluation", "train.log_interval")
+NOT_METHOD_KEYS = ("name", "runtime", "data_loader", "evaluation", "train.log_interval", "train.log_style_gradients")
 
 
 class Trainer:
@@ -66,7 +66,7 @@ class Trainer:
         self.iteration = build_iteration(cfg, stage, self.nets, self.optimizer, self.runtime, self.dist,
                                          self.max_iters, self.log.check_finite)
         self.images = {}  # what the last iteration saw, for the pictures
-        self._probe = None  # the stylization scores' images, made at the first evaluation
+        self._probe = self._ideal = None  # the stylization scores' images, made at the first evaluation
         self.t = 0
         self.best = {"metric": None, "value": -1.0, "iter": None}
         if resume:
@@ -170,6 +170,9 @@ class Trainer:
         record = {"iter": self.t, **{k: 100 * result[k] for k in metric_names(result)}}
         if self.nets.style is not None:
             record.update(stylization_scores(self.nets.style, *self._style_probe(), pipeline["mean"], pipeline["std"]))
+            if self.cfg["source"].get("generate") == "demo":
+                record.update(ideal_translation_scores(self.nets.style, *self._ideal_probe(), pipeline["mean"],
+                                                       pipeline["std"]))
         self.log.write(record)
         self.save(result)
         return result
@@ -183,6 +186,20 @@ class Trainer:
                 runtime.prepare_input(torch.cat([item[key] for item in items]).to(self.device), self.runtime)
                 for key in ("source_image", "target_image"))
         return self._probe
+
+    def _ideal_probe(self, count=8):
+        """Demo only: held-out source scenes and their ideal translations (the same scenes in
+        the target's look), whole images, the same at every evaluation."""
+        if self._ideal is None:
+            from .data.demo import held_out_sources, make_ideal_translation
+            from .data.transforms import to_input
+
+            pairs = [make_ideal_translation(i)[:2] for i in held_out_sources(count)]
+            mean, std = self.cfg["pipeline"]["mean"], self.cfg["pipeline"]["std"]
+            self._ideal = tuple(
+                runtime.prepare_input(torch.stack([to_input(pair[k], mean, std) for pair in pairs]).to(self.device),
+                                      self.runtime) for k in (0, 1))
+        return self._ideal
 
     def _note_best(self, result):
         """Whether `result` improves on the best so far (and remember it if so)."""

@@ -117,7 +117,8 @@ class TrainingLog:
                     f"the last checkpoint in {self.work_dir} is intact (set runtime.check_finite 'step' to stop "
                     f"before the first bad update)")
         record = {"iter": t, "lr": lr, "it_per_s": self.done / (time.perf_counter() - self.started)}
-        record.update({k if k == "q" else f"loss/{k}": v for k, v in means.items()})
+        # a name with its own group ("grad_G/cut_gan") keeps it; the rest are losses
+        record.update({k if k == "q" or "/" in k else f"loss/{k}": v for k, v in means.items()})
         self.write(record)
         self._reset()
         return means

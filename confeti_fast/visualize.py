@@ -140,6 +140,27 @@ def _style_panel(ax, style):
     ax.grid(True, alpha=0.3)
 
 
+def _ideal_panel(ax, style):
+    """The demo's paired scores of each evaluation: G(x_s) against the ideal translation of the
+    same held-out scenes (solid), beside x_s itself against it (dashed): SSIM and edge agreement
+    on the left axis, PSNR on the right."""
+    right = ax.twinx()
+    for name, colour, axis, label in (("ssim", _COLOURS[0], ax, "SSIM"), ("edge", _COLOURS[2], ax, "edge agreement"),
+                                      ("psnr", _COLOURS[1], right, "PSNR (dB, right)")):
+        for suffix, dashes, who in (("", "-", "G(x_s)"), ("_source", "--", "x_s")):
+            points = style.get(f"ideal_{name}{suffix}")
+            if points:
+                axis.plot(list(points), list(points.values()), color=colour, linestyle=dashes,
+                          marker="o" if not suffix else ".", label=f"{label}: {who}")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("SSIM, edge agreement")
+    right.set_ylabel("PSNR (dB)")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.08, 1.0), fontsize=8, frameon=False)
+    ax.set_title("against the ideal translation (held-out scenes in the target's look)", fontsize=10, loc="left")
+    ax.grid(True, alpha=0.3)
+
+
 def plot_curves(log_path, out_path):
     """Training curves of a JSON-lines training log as one PNG (`curves_figure`)."""
     figure = curves_figure(log_path)
@@ -151,7 +172,9 @@ def plot_curves(log_path, out_path):
 def curves_figure(log_path):
     """A matplotlib Figure (Agg canvas) of a training log's curves: the losses (raw and smoothed,
     log scale; CUT's in a panel of their own; terms that go negative, the contrast
-    regularisers, on a linear axis) and the target mIoU with the pseudo-label confidence q."""
+    regularisers, on a linear axis; with train.log_style_gradients each G term's gradient norm),
+    the stylization scores (and on the demo the paired scores against the ideal translation)
+    and the target mIoU with the pseudo-label confidence q."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -164,20 +187,25 @@ def curves_figure(log_path):
                True),
               ("style transfer (CUT) losses", {k: v for k, v in positive.items() if k.startswith("cut_")}, True),
               ("terms that go negative (linear)", negative, False)]
+    panels.append(("norm of each term's gradient on G", {k[7:]: v for k, v in series.items()
+                                                        if k.startswith("grad_G/")}, True))
     panels = [p for p in panels if p[1]]
     metrics = {k: v for k, v in series.items() if k in METRIC_NAMES}
     style = {k[6:]: v for k, v in series.items() if k.startswith("style/")}
+    paired = any(k.startswith("ideal_") for k in style)
 
-    rows = len(panels) + 1 + bool(style)
+    rows = len(panels) + 1 + bool(style) + paired
     fig = Figure(figsize=(10, 2.9 * rows), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
     for ax, (title, group, log_scale) in zip(axes, panels):
         _loss_panel(ax, group, log_scale)
         ax.set_title(title, fontsize=10, loc="left")
-        ax.set_ylabel("loss" + (" (log)" if log_scale else ""))
+        ax.set_ylabel(("gradient norm" if title.startswith("norm") else "loss") + (" (log)" if log_scale else ""))
     if style:
         _style_panel(axes[len(panels)], style)
+    if paired:
+        _ideal_panel(axes[len(panels) + 1], style)
     ax = axes[-1]
     for i, (name, points) in enumerate(metrics.items()):
         ax.plot(list(points), list(points.values()), color=_COLOURS[i], marker="o", linewidth=1.8,

@@ -28,5 +28,8 @@
         "pseudo_ignore_top": 3,
         "pseudo_ignore_bottom": 24,
         "log_interval": 10,
+        # The feature distance pulls thing features towards a frozen ImageNet-initialised copy of
+        # the segmentor. The demo has no ImageNet weights, so that copy would be random: off.
+        "fdist_weight": 0.0,
     },
 }

@@ -71,6 +71,12 @@
         "lr": 0.0002,
         "betas": [0.5, 0.999],
         "consistency_weight": 0.1,
+        # CUT as its authors ran it: "resnet" (G starts from random weights), a 3-layer PatchGAN
+        # (84 px receptive field) and no L1 identity term. The demo's choices: docs/choices.md.
+        "generator": "resnet",
+        "d_layers": 3,
+        "identity_l1_weight": 0.0,
+        "d_ignore_bottom": 0,  # rows of every image D does not see (0: D sees all of it)
         # Stage 1 starts CUT from stage 0's output or --cut-checkpoint, as the authors did; False
         # allows a random start (train.py --cut-random-start).
         "require_pretrained": True,
@@ -92,5 +98,8 @@
         "proto_top_k": 32,
         "contrast": {"tau": 0.1, "num_samples": 4096, "ce_weight": 0.5, "reg_weight": 2.0},
         "log_interval": 50,
+        # A diagnostic: the norm of each G loss term's gradient on G, at the log interval
+        # (extra backward passes through G, and through the segmentor for the consistency term).
+        "log_style_gradients": False,
     },
 }

@@ -59,18 +59,31 @@ def test_stylization_check_judges_g_with_two_segmentors(tmp_path, monkeypatch):
     row = ablation.stylization_check(work, 0, count=2, picture=picture)
     assert set(row) == set(ablation.STYLE_FIELDS) and row["images"] == 2
     assert all(0 <= float(row[f"{judge}_{view}_miou"]) <= 100 for judge in ablation.JUDGES for view in ablation.VIEWS)
-    assert all(0 < float(row[f"stage{s}_g_ssim"]) < 0.999 for s in (0, 1))  # a 4-iteration G changes the image
+    for view in ("plain", "colour", "stage0_g", "stage1_g"):
+        assert 0 < float(row[f"{view}_ideal_ssim"]) < 0.999 and -1 <= float(row[f"{view}_ideal_edge"]) < 0.999
+        assert 0 < float(row[f"{view}_ideal_psnr"]) < 60
+    assert float(row["oracle_stage1_g_share"]) == pytest.approx(
+        float(row["oracle_stage1_g_miou"]) / float(row["oracle_ideal_miou"]), abs=1e-3)
     from PIL import Image
-    width, height = Image.open(picture).size  # 3 x 2 tiles of the 320x180 demo image, enlarged to >= 256 px
+    width, height = Image.open(picture).size  # x_s, G(x_s), ideal over the oracle's readings: 3 x 2 tiles
     assert width == 3 * 640 and height == 2 * (360 + 14)
 
-    # with G replaced by the identity, every view is the plain image: the same mIoU, SSIM 1
+    # with G replaced by the identity, the G views are the plain image: the same readings and scores
     monkeypatch.setattr(ablation, "_stylize", lambda style, image: image)
     same = ablation.stylization_check(work, 0, count=2)
     for judge in ablation.JUDGES:
-        plain = row[f"{judge}_plain_miou"]
-        assert same[f"{judge}_plain_miou"] == same[f"{judge}_stage0_g_miou"] == same[f"{judge}_stage1_g_miou"] == plain
-    assert same["stage0_g_ssim"] == same["stage1_g_ssim"] == "1.000"
+        assert same[f"{judge}_stage0_g_miou"] == same[f"{judge}_stage1_g_miou"] == row[f"{judge}_plain_miou"]
+        assert same[f"{judge}_ideal_miou"] == row[f"{judge}_ideal_miou"]
+    for score in ablation.PAIRED:
+        assert same[f"stage0_g_ideal_{score}"] == same[f"stage1_g_ideal_{score}"] == row[f"plain_ideal_{score}"]
+
+
+def test_stylization_summary_means_and_stds():
+    rows = [dict.fromkeys(ablation.STYLE_FIELDS, str(v)) for v in (1.0, 2.0, 3.0)]
+    summary = {s["column"]: s for s in ablation.summarize_stylization(rows)}
+    assert set(summary) == set(ablation.STYLE_FIELDS[2:])
+    assert summary["oracle_ideal_miou"]["mean"] == 2.0 and summary["oracle_ideal_miou"]["std"] == 1.0
+    assert summary["oracle_ideal_miou"]["n"] == 3
 
 
 def test_stylization_table_waits_for_the_runs_and_keeps_written_seeds(tmp_path, monkeypatch):

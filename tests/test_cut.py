@@ -378,3 +378,46 @@ def test_cuda_channels_last_autocast(small_gen):
         assert all(i.device.type == "cuda" for i in ids)
     finally:
         small_gen.to("cpu").to(memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------- the demo's choices (docs/choices.md)
+def _receptive_field(d, side=200):
+    """Rows of the input that reach the centre output of `d`, instance norms taken out (they
+    mix every position into every other)."""
+    for i, module in enumerate(d.model):
+        if isinstance(module, torch.nn.InstanceNorm2d):
+            d.model[i] = torch.nn.Identity()
+    x = torch.rand(1, 3, side, side, requires_grad=True)
+    out = d(x)
+    out[0, 0, out.shape[-2] // 2, out.shape[-1] // 2].backward()
+    rows = (x.grad.abs().sum(dim=(0, 1, 3)) > 0).nonzero()
+    return int(rows.max() - rows.min() + 1)
+
+
+@pytest.mark.parametrize("layers, field", [(3, 84), (2, 40), (1, 18)])
+def test_discriminator_receptive_field(layers, field):
+    torch.manual_seed(0)
+    assert _receptive_field(init_cut_weights(PatchDiscriminator(4, n_layers=layers))) == field
+
+
+def test_residual_generator_starts_as_the_identity_and_keeps_cut_keys():
+    torch.manual_seed(0)
+    g, _, _ = build_cut(ngf=8, ndf=4, nc=16, num_patches=8, generator="residual")
+    plain, _, _ = build_cut(ngf=8, ndf=4, nc=16, num_patches=8)
+    assert g.state_dict().keys() == plain.state_dict().keys()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(g(x), x)
+        assert not torch.allclose(plain(x), x, atol=0.1)  # CUT's G starts far from it
+    # once its last layer moves, it is x + r(x), clamped to CUT's range
+    with torch.no_grad():
+        g.model[-2].bias.fill_(0.5)
+    out = g(x)
+    assert torch.allclose(out, (x + 0.5).clamp(-1, 1)) and out.max() <= 1.0
+    out.sum().backward()  # the gradient reaches the residual branch's first layer
+    assert g.model[1].weight.grad is not None
+
+
+def test_build_cut_refuses_an_unknown_generator():
+    with pytest.raises(ValueError, match="cut.generator"):
+        build_cut(ngf=8, ndf=4, generator="unet")

@@ -295,3 +295,23 @@ def test_command_line(tmp_path, monkeypatch, capsys):
     sentinel.write_text("x")
     assert demo.main(["--root", str(root), "--quiet", "--force"]) == 0
     assert not sentinel.exists()
+
+
+def test_ideal_translation_is_the_same_scene_in_the_target_look():
+    index = demo.held_out_sources(2)[1]
+    assert index == demo.DEFAULT_COUNTS["source"] + 1  # after every source image a run trains on
+    source, ideal, labels = demo.make_ideal_translation(index)
+    image, image_labels = demo.make_image("source", index)
+    assert np.array_equal(source, image) and np.array_equal(labels, image_labels)  # x_s as the runs' files
+    assert ideal.shape == source.shape and not np.array_equal(ideal, source)
+    # the target's look: per class, the mean colour is nearer the target images' than the source's is
+    # (classes whose palettes differ between the looks; objects such as cars draw from both palettes)
+    targets = [demo.make_image("train", i) for i in range(8)]
+    for index in demo.held_out_sources(4):
+        source, ideal, labels = demo.make_ideal_translation(index)
+        for label_id in (11, 21, 23):  # building, vegetation, sky
+            target_mean = np.concatenate([image[ids == label_id] for image, ids in targets]).mean(0)
+            ideal_mean, source_mean = ideal[labels == label_id].mean(0), source[labels == label_id].mean(0)
+            assert np.abs(ideal_mean - target_mean).sum() < np.abs(source_mean - target_mean).sum(), label_id
+    # the scene has no ego hood: it is the source scene
+    assert not (labels == demo.EGO_VEHICLE).any()

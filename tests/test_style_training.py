@@ -193,3 +193,112 @@ def test_evaluations_log_the_stylization_scores(tmp_path):
     for r in scores:
         assert 0.0 <= r["style/structure_ssim"] <= 1.0 and r["style/appearance_dist"] >= 0
         assert r["style/appearance_dist_source"] == scores[0]["style/appearance_dist_source"]  # a fixed image set
+
+
+# ----------------------------------------------------------------------------- the demo's choices for G
+def _style(**cut):
+    from confeti_fast.style import StyleTransfer
+
+    cfg = dict(load_config("demo")["cut"], ngf=4, ndf=4, num_patches=8, **cut)
+    torch.manual_seed(0)
+    return StyleTransfer(cfg, torch.device("cpu"), (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+
+
+def test_paper_presets_keep_cut_as_its_authors_ran_it():
+    from confeti_fast.models.cut import PatchDiscriminator
+
+    for preset in ("gta2cs", "synthia2cs"):
+        cut = load_config(preset)["cut"]
+        assert (cut["generator"], cut["d_layers"], cut["identity_l1_weight"], cut["d_ignore_bottom"]) == \
+            ("resnet", 3, 0.0, 0)
+    style = _style(**{k: load_config("gta2cs")["cut"][k]
+                      for k in ("generator", "d_layers", "identity_l1_weight", "d_ignore_bottom")})
+    assert isinstance(style.G.model[-1], torch.nn.Tanh) and not style.G.residual
+    assert len(style.D.model) == len(PatchDiscriminator(4).model)  # the 3-layer PatchGAN
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    losses = style.g_losses(x, style.G(x), x, style.G(x), torch.Generator().manual_seed(0))
+    assert set(losses) == {"cut_gan", "cut_nce"}
+
+
+def test_d_ignore_bottom_hides_the_bottom_rows_from_d():
+    style = _style(d_ignore_bottom=8)
+    real, fake = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    changed = real.clone()
+    changed[..., -8:, :] = -1.0  # a "hood" in the bottom rows
+    assert torch.equal(style.d_loss(real, fake), style.d_loss(changed, fake))
+    changed[..., -9, :] = -1.0  # one row above it counts
+    assert not torch.equal(style.d_loss(real, fake), style.d_loss(changed, fake))
+    assert torch.equal(style.judge(real), style.D(real[..., :24, :]))
+
+
+def test_identity_l1_term_on_target_images():
+    style = _style(identity_l1_weight=2.5)
+    x_s, x_t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    idt = style.G(x_t)
+    losses = style.g_losses(x_s, style.G(x_s), x_t, idt, torch.Generator().manual_seed(0))
+    assert torch.allclose(losses["cut_idt_l1"], 2.5 * (idt - x_t).abs().mean())
+    residual = _style(identity_l1_weight=1.0, generator="residual")
+    losses = residual.g_losses(x_s, residual.G(x_s), x_t, residual.G(x_t), torch.Generator().manual_seed(0))
+    assert float(losses["cut_idt_l1"].detach()) == 0.0  # the identity at the start
+
+
+def test_gradient_norms_match_each_terms_own_backward_and_leave_grad_alone():
+    style = _style()
+    x_s, x_t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    fake, idt = style.G(x_s), style.G(x_t)
+    losses = style.g_losses(x_s, fake, x_t, idt, torch.Generator().manual_seed(0))
+    norms = style.gradient_norms(losses)
+    assert set(norms) == {"grad_G/cut_gan", "grad_G/cut_nce"}
+    assert all(p.grad is None for p in style.G.parameters())
+    losses["cut_gan"].backward(retain_graph=True)
+    by_hand = torch.sqrt(sum(p.grad.pow(2).sum() for p in style.G.parameters() if p.grad is not None))
+    assert torch.allclose(norms["grad_G/cut_gan"], by_hand)
+
+
+def test_paired_scores_tell_blur_from_a_change_of_colour():
+    from confeti_fast.style import colour_transfer, dataset_colour_statistics, paired_scores
+
+    torch.manual_seed(0)
+    ideal = (torch.rand(1, 3, 1, 1) * torch.ones(1, 3, 48, 64)).clone()
+    ideal[..., 10:30, 20:40] = torch.rand(1, 3, 1, 1)  # a box with sharp edges
+    same = paired_scores(ideal, ideal)
+    assert same["ssim"] == pytest.approx(1.0, abs=1e-4) and same["edge"] == pytest.approx(1.0, abs=1e-4)
+    assert same["psnr"] > 90
+    blurred = torch.nn.functional.avg_pool2d(ideal, 7, stride=1, padding=3, count_include_pad=False)
+    tinted = (ideal * 0.8 + 0.1).clamp(0, 1)  # another colour, the same edges
+    assert paired_scores(tinted, ideal)["edge"] > 0.99 > 0.9 > paired_scores(blurred, ideal)["edge"]
+
+    image = (ideal[0].permute(1, 2, 0) * 255).byte().numpy()
+    source_stats = dataset_colour_statistics([image])
+    target_stats = (source_stats[0] * 0.8 + 20, source_stats[1] * 0.7)  # inside 0..255: no clamping
+    moved = colour_transfer(image, source_stats, target_stats)
+    assert torch.allclose(dataset_colour_statistics([moved])[0], target_stats[0], atol=1.0)
+    as_batch = torch.from_numpy(moved).permute(2, 0, 1)[None].float() / 255
+    assert paired_scores(as_batch, ideal)["edge"] > 0.99  # colours only: every edge where it was
+
+
+def test_demo_runs_log_paired_scores_and_the_gradient_norms_on_g(tmp_path):
+    cfg = tiny_config(tmp_path, cut=True, log_style_gradients=True)
+    trainer = Trainer(cfg, 0, tmp_path / "run", progress=False)
+    trainer.cfg["source"]["generate"] = "demo"  # as the demo presets: the ideal translations exist
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "stage0" / "log.jsonl").read_text().splitlines()]
+    paired = [r for r in records if "style/ideal_psnr" in r]
+    assert [r["iter"] for r in paired] == [2, 4]
+    for r in paired:
+        assert 0 < r["style/ideal_ssim"] < 1 and -1 <= r["style/ideal_edge"] <= 1 and r["style/ideal_psnr"] > 0
+        for key in ("psnr", "ssim", "edge"):  # x_s against the ideal: a fixed set of held-out scenes
+            assert r[f"style/ideal_{key}_source"] == paired[0][f"style/ideal_{key}_source"]
+    norms = [r for r in records if "grad_G/cut_gan" in r]
+    assert len(norms) == 4 and all(r["grad_G/cut_gan"] > 0 and r["grad_G/cut_nce"] > 0 for r in norms)
+    from confeti_fast.visualize import curves_figure
+    titles = [ax.get_title(loc="left") for ax in curves_figure(tmp_path / "run" / "stage0" / "log.jsonl").axes]
+    assert "norm of each term's gradient on G" in titles
+    assert any(title.startswith("against the ideal translation") for title in titles)
+
+
+def test_tiny_runs_without_the_demo_log_no_paired_scores_or_norms(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, cut=True), 0, tmp_path / "run", progress=False)
+    trainer.train()
+    text = (tmp_path / "run" / "stage0" / "log.jsonl").read_text()
+    assert "style/structure_ssim" in text and "ideal_" not in text and "grad_G/" not in text

@@ -182,5 +182,19 @@ def validate_config(cfg, origin="config"):
     for side in ("source", "target"):
         if cfg[side].get("type") not in DATASET_TYPES:
             raise ConfetiError(f"{origin}: {side}.type must be one of {DATASET_TYPES}, got {cfg[side].get('type')!r}")
+    _validate_cut(cfg["cut"], origin)
     if cfg["model"].get("depth") not in (18, 34, 50, 101):
         raise ConfetiError(f"{origin}: model.depth must be 18, 34, 50 or 101, got {cfg['model'].get('depth')!r}")
+
+
+def _validate_cut(cut, origin):
+    """The style transfer's choices that are not CUT's (docs/choices.md, "The demo's style transfer")."""
+    from ..models.cut import GENERATORS
+
+    if cut.get("generator", "resnet") not in GENERATORS:
+        raise ConfetiError(f"{origin}: cut.generator must be one of {GENERATORS}, got {cut.get('generator')!r}")
+    if cut.get("d_layers", 3) not in (1, 2, 3):
+        raise ConfetiError(f"{origin}: cut.d_layers must be 1, 2 or 3 (CUT: 3), got {cut.get('d_layers')!r}")
+    for key in ("d_ignore_bottom", "identity_l1_weight"):
+        if cut.get(key, 0) < 0:
+            raise ConfetiError(f"{origin}: cut.{key} must be >= 0, got {cut.get(key)!r}")

@@ -25,6 +25,7 @@ from ..data.normalization import IMAGENET_MEAN, IMAGENET_STD, denormalize, norma
 # the reflect-padded input, the first 128-ch conv, the first 256-ch conv, residual blocks 1 and 5.
 NCE_LAYERS = (0, 4, 8, 12, 16)
 NCE_CHANNELS = (3, 128, 256, 256, 256)
+GENERATORS = ("resnet", "residual")
 
 
 def _binomial_filter(taps):
@@ -114,10 +115,16 @@ class CutGenerator(nn.Module):
     size in [-1, 1]. `forward(x, nce_layers=[...])` returns instead the list of outputs of the
     `self.model` layers with those indices, in the order asked, and stops after the deepest
     one (CUT's `encode_only`); layer 0's output is the reflect-padded input.
+
+    `residual=True` (not CUT's; config cut.generator "residual") gives clamp(x + r(x), -1, 1),
+    r being the same network without its final tanh: with r's last convolution at zero
+    (`build_cut`) G starts as the identity and learns only the change of look. The state-dict
+    keys are CUT's either way (tanh has no weights).
     """
 
-    def __init__(self, ngf=64, n_blocks=9, input_nc=3, output_nc=3):
+    def __init__(self, ngf=64, n_blocks=9, input_nc=3, output_nc=3, residual=False):
         super().__init__()
+        self.residual = residual
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7, padding=0, bias=True),
                   _instance_norm(ngf), nn.ReLU(True)]
         for i in range(2):
@@ -131,12 +138,13 @@ class CutGenerator(nn.Module):
             cout = cin // 2
             layers += [Upsample(cin), nn.Conv2d(cin, cout, 3, stride=1, padding=1, bias=True),
                        _instance_norm(cout), nn.ReLU(True)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7, padding=0), nn.Tanh()]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7, padding=0),
+                   nn.Identity() if residual else nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x, nce_layers=None):
         if nce_layers is None:
-            return self.model(x)
+            return (x + self.model(x)).clamp(-1.0, 1.0) if self.residual else self.model(x)
         wanted = [int(i) for i in nce_layers]
         if not wanted:
             return []
@@ -267,9 +275,17 @@ def lsgan_loss(prediction, target_is_real):
     return (pred - target).pow(2).mean()
 
 
-def build_cut(ngf=64, ndf=64, n_blocks=9, nc=256, num_patches=256):
-    """(G, D, F) with CUT's init."""
-    g = init_cut_weights(CutGenerator(ngf, n_blocks))
-    d = init_cut_weights(PatchDiscriminator(ndf))
+def build_cut(ngf=64, ndf=64, n_blocks=9, nc=256, num_patches=256, generator="resnet", d_layers=3):
+    """(G, D, F) with CUT's init. `generator`: "resnet" (CUT's) or "residual" (the identity at
+    the start: `CutGenerator(residual=True)` with its last convolution zeroed). `d_layers`: the
+    PatchGAN's downsampling layers (CUT: 3, an 84 px receptive field; 2: 40 px; 1: 18 px)."""
+    if generator not in GENERATORS:
+        raise ValueError(f"cut.generator must be one of {GENERATORS}, got {generator!r}")
+    g = init_cut_weights(CutGenerator(ngf, n_blocks, residual=generator == "residual"))
+    if generator == "residual":
+        last = g.model[-2]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    d = init_cut_weights(PatchDiscriminator(ndf, n_layers=d_layers))
     f = init_cut_weights(PatchSampleF(nc, num_patches, (3, ngf * 2, ngf * 4, ngf * 4, ngf * 4)))
     return g, d, f

@@ -25,8 +25,8 @@ of sampling), styles and rendering (the looks), images (one image pair from its 
 # generator (e.g. _write, DEFAULT_COUNTS) patch them in files.py, where they are looked up.
 from .cli import main
 from .files import (CITIES, DEFAULT_COUNTS, DEFAULT_ROOT, GENERATOR_VERSION, MARKER, OWNER, PNG_LEVEL,
-                    ensure_demo, generate_demo, is_complete)
-from .images import DOMAINS, RARE, RARE_EVERY, SOURCE_SIZE, TARGET_SIZE, make_image
+                    ensure_demo, generate_demo, held_out_sources, is_complete)
+from .images import DOMAINS, RARE, RARE_EVERY, SOURCE_SIZE, TARGET_SIZE, make_ideal_translation, make_image
 from .layout import Street, sample_scene
 from .rendering import CLASS_NAME, render
 from .scene import ALT, BODY, DARK, EGO_VEHICLE, GLASS, ID, LAMP, MARK, RAIL_TRACK, SKIN, SKY_DEPTH, UNLABELED, Scene
@@ -37,6 +37,6 @@ __all__ = [
     "ALT", "BODY", "CITIES", "CLASS_NAME", "CYCLES", "DARK", "DEFAULT_COUNTS", "DEFAULT_ROOT", "DOMAINS",
     "EGO_VEHICLE", "GAME", "GENERATOR_VERSION", "GLASS", "ID", "LAMP", "LAMPS", "MARK", "MARKER", "OWNER",
     "PNG_LEVEL", "RAIL_TRACK", "RARE", "RARE_EVERY", "REAL", "SKIN", "SKIN_TONES", "SKY_DEPTH", "SOURCE_SIZE",
-    "Scene", "Street", "Style", "TARGET_SIZE", "UNLABELED", "VEHICLES", "ensure_demo", "generate_demo",
-    "is_complete", "main", "make_image", "render", "sample_scene",
+    "Scene", "Street", "Style", "TARGET_SIZE", "UNLABELED", "VEHICLES", "ensure_demo", "generate_demo", "held_out_sources",
+    "is_complete", "main", "make_ideal_translation", "make_image", "render", "sample_scene",
 ]

@@ -23,6 +23,13 @@ MARKER, OWNER = ".complete", ".demo"
 PNG_LEVEL = 6
 
 
+def held_out_sources(count):
+    """The indices of `count` demo source images after the ones written to disk: scenes no run
+    trains on, for judging the style transfer."""
+    first = DEFAULT_COUNTS["source"]
+    return range(first, first + count)
+
+
 def _label_palette():
     """A 'P' palette colouring each Cityscapes labelId like its trainId (others black)."""
     palette = np.zeros((256, 3), np.uint8)
