@@ -82,8 +82,9 @@ class StyleTransfer:
         self.D.requires_grad_(True)
         nce = 0.5 * (self.nce(real_source, fake, gen) + self.nce(real_target, identity, gen))
         losses = {"cut_gan": gan, "cut_nce": nce}
-        if self.cfg["identity_l1_weight"] > 0:
-            losses["cut_idt_l1"] = self.cfg["identity_l1_weight"] * (identity.float() - real_target.float()).abs().mean()
+        weight = self.cfg["identity_l1_weight"]
+        if weight > 0:
+            losses["cut_idt_l1"] = weight * (identity.float() - real_target.float()).abs().mean()
         return losses
 
     def gradient_norms(self, losses):

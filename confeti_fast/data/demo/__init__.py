@@ -37,6 +37,6 @@ __all__ = [
     "ALT", "BODY", "CITIES", "CLASS_NAME", "CYCLES", "DARK", "DEFAULT_COUNTS", "DEFAULT_ROOT", "DOMAINS",
     "EGO_VEHICLE", "GAME", "GENERATOR_VERSION", "GLASS", "ID", "LAMP", "LAMPS", "MARK", "MARKER", "OWNER",
     "PNG_LEVEL", "RAIL_TRACK", "RARE", "RARE_EVERY", "REAL", "SKIN", "SKIN_TONES", "SKY_DEPTH", "SOURCE_SIZE",
-    "Scene", "Street", "Style", "TARGET_SIZE", "UNLABELED", "VEHICLES", "ensure_demo", "generate_demo", "held_out_sources",
-    "is_complete", "main", "make_ideal_translation", "make_image", "render", "sample_scene",
+    "Scene", "Street", "Style", "TARGET_SIZE", "UNLABELED", "VEHICLES", "ensure_demo", "generate_demo",
+    "held_out_sources", "is_complete", "main", "make_ideal_translation", "make_image", "render", "sample_scene",
 ]
