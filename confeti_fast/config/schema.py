@@ -56,6 +56,9 @@ RUNTIME_CHOICES = {
 METHODS = ("confeti", "source_only")
 EVAL_CLASS_SETS = ("all", "synthia16")
 DATASET_TYPES = ("gta5", "cityscapes", "synthia")
+# `cut.generator`: CUT's ResNet generator, or the same network as a residual around its input
+# (models/cut.py, build_cut).
+CUT_GENERATORS = ("resnet", "residual")
 # `evaluation.mode`: whole-image or sliding-window inference (evaluation/inference.py).
 EVAL_MODES = ("whole", "slide")
 
@@ -189,10 +192,8 @@ def validate_config(cfg, origin="config"):
 
 def _validate_cut(cut, origin):
     """The style transfer's choices that are not CUT's (docs/choices.md, "The demo's style transfer")."""
-    from ..models.cut import GENERATORS
-
-    if cut.get("generator", "resnet") not in GENERATORS:
-        raise ConfetiError(f"{origin}: cut.generator must be one of {GENERATORS}, got {cut.get('generator')!r}")
+    if cut.get("generator", "resnet") not in CUT_GENERATORS:
+        raise ConfetiError(f"{origin}: cut.generator must be one of {CUT_GENERATORS}, got {cut.get('generator')!r}")
     if cut.get("d_layers", 3) not in (1, 2, 3):
         raise ConfetiError(f"{origin}: cut.d_layers must be 1, 2 or 3 (CUT: 3), got {cut.get('d_layers')!r}")
     for key in ("d_ignore_bottom", "identity_l1_weight"):

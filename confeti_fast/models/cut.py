@@ -19,13 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config.schema import CUT_GENERATORS
 from ..data.normalization import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 
 # Sequential indices of G whose outputs feed PatchNCE (CUT's --nce_layers 0,4,8,12,16):
 # the reflect-padded input, the first 128-ch conv, the first 256-ch conv, residual blocks 1 and 5.
 NCE_LAYERS = (0, 4, 8, 12, 16)
 NCE_CHANNELS = (3, 128, 256, 256, 256)
-GENERATORS = ("resnet", "residual")
 
 
 def _binomial_filter(taps):
@@ -279,8 +279,8 @@ def build_cut(ngf=64, ndf=64, n_blocks=9, nc=256, num_patches=256, generator="re
     """(G, D, F) with CUT's init. `generator`: "resnet" (CUT's) or "residual" (the identity at
     the start: `CutGenerator(residual=True)` with its last convolution zeroed). `d_layers`: the
     PatchGAN's downsampling layers (CUT: 3, an 84 px receptive field; 2: 40 px; 1: 18 px)."""
-    if generator not in GENERATORS:
-        raise ValueError(f"cut.generator must be one of {GENERATORS}, got {generator!r}")
+    if generator not in CUT_GENERATORS:
+        raise ValueError(f"cut.generator must be one of {CUT_GENERATORS}, got {generator!r}")
     g = init_cut_weights(CutGenerator(ngf, n_blocks, residual=generator == "residual"))
     if generator == "residual":
         last = g.model[-2]
