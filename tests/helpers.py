@@ -141,8 +141,9 @@ def tiny_config(tmp_path, base="demo", cut=False, **train):
         "evaluation": {"scale": [48, 40], "interval": 2},
         "optimizer": {"warmup_iters": 2},
         # every gate opens within the 4 iterations: t > 0 mixed CAM, t > 1 contrast
+        # the feature distance on as in the paper presets (the demo has it off), so that it runs
         "train": dict({"mix_cam_after": 0, "contrast_after": 1, "pseudo_ignore_top": 2,
-                       "pseudo_ignore_bottom": 4, "log_interval": 1}, **train),
+                       "pseudo_ignore_bottom": 4, "log_interval": 1, "fdist_weight": 0.005}, **train),
     })
 
 
