@@ -14,6 +14,7 @@ OUT/ablation.png the bar chart with the seeds' spread.
 """
 import argparse
 import csv
+import functools
 import statistics
 import subprocess
 import sys
@@ -165,9 +166,10 @@ def _stylization_ready(work_root, seed):
     return all(p.is_file() for p in needed + [work_root / "full" / f"seed{seed}" / "stage1" / "last.pth"])
 
 
+@functools.cache
 def _colour_model():
     """The colour-model baseline, fitted on the demo's training images (all source images and
-    the target's train split, as a run sees them)."""
+    the target's train split, as a run sees them); fitted once per process, not once per seed."""
     from .data.demo import DEFAULT_COUNTS, make_image
     from .style import colour_transfer, dataset_colour_statistics
 
@@ -203,6 +205,7 @@ def stylization_check(work_root, seed, count=60, picture=None):
               "stage1_g": _stylizer(full / "stage1")}
     cms = {(judge, view): 0 for judge in JUDGES for view in VIEWS}
     paired = {view: [] for view in VIEWS[:-1]}
+    pictured = held_out_sources(1)[0]
     for index in held_out_sources(count):
         image, ideal, label_ids = make_ideal_translation(index, seed=0)  # the demo data's seed, not the run's
         label = cityscapes_to_train_ids(label_ids)
@@ -216,7 +219,7 @@ def stylization_check(work_root, seed, count=60, picture=None):
             cms[judge, view] = cms[judge, view] + confusion_matrix(preds[judge, view], label)
         for view in paired:
             paired[view].append(paired_scores(_as_batch(views[view]), _as_batch(ideal)))
-        if picture is not None and index == held_out_sources(1)[0]:
+        if picture is not None and index == pictured:
             shown = ("plain", "stage1_g", "ideal")
             tiles = [(VIEW_TITLES[view], views[view]) for view in shown]
             tiles += [(f"oracle on {VIEW_TITLES[view]}", colorize(preds["oracle", view])) for view in shown]
