@@ -67,6 +67,9 @@ class StyleTransfer:
         without its bottom k rows, where the target's ego hood lies and no source image has one,
         so that D cannot tell the domains apart by a cue G cannot remove."""
         rows = self.cfg["d_ignore_bottom"]
+        if rows and x.shape[-2] <= rows:
+            raise ConfetiError(f"cut.d_ignore_bottom = {rows} hides every row of the {x.shape[-2]}-row crops "
+                               f"from D: make it smaller than the stage's crop_size height")
         return self.D(x[..., : x.shape[-2] - rows, :] if rows else x)
 
     def d_loss(self, real_target, fake):

@@ -9,7 +9,8 @@
     # 3000 pixels at 1280x720 is about 200 at the demo's 320x180.
     "rcs": {"min_pixels": 200},
     "stages": {
-        "0": {"crop_size": [112, 112], "iters": 200},
+        # CUT alone: 1000 iterations (about 4.5 min here); at 200, G was still a blur (docs/choices.md).
+        "0": {"crop_size": [112, 112], "iters": 1000},
         "1": {"crop_size": [112, 112], "iters": 300},
         "2": {"crop_size": [128, 128], "iters": 600},
     },

@@ -77,6 +77,8 @@
         "d_layers": 3,
         "identity_l1_weight": 0.0,
         "d_ignore_bottom": 0,  # rows of every image D does not see (0: D sees all of it)
+        # Stage 0's source crops: "rcs" (the segmentor's rare-class sampling) or "plain" (uniform).
+        "stage0_source_crops": "rcs",
         # Stage 1 starts CUT from stage 0's output or --cut-checkpoint, as the authors did; False
         # allows a random start (train.py --cut-random-start).
         "require_pretrained": True,

@@ -119,6 +119,7 @@ def test_cfg_options_are_checked_like_a_file():
     ({"generator": "unet"}, "cut.generator must be one of ('resnet', 'residual'), got 'unet'"),
     ({"d_layers": 4}, "cut.d_layers must be 1, 2 or 3"),
     ({"d_ignore_bottom": -2}, "cut.d_ignore_bottom must be >= 0"),
+    ({"stage0_source_crops": "uniform"}, "cut.stage0_source_crops must be 'rcs' or 'plain', got 'uniform'"),
     ({"identity_l1_weight": -0.5}, "cut.identity_l1_weight must be >= 0"),
 ])
 def test_the_style_transfer_choices_are_checked(cut, named):

@@ -60,3 +60,16 @@ def test_ranks_draw_different_target_images(tmp_path):
     slots0 = {rank0._epoch_order(1, size, rank0._global_slot(0, j, 2)) for j in range(2)}
     slots1 = {rank1._epoch_order(1, size, rank1._global_slot(0, j, 2)) for j in range(2)}
     assert not slots0 & slots1
+
+
+def test_stage0_plain_source_crops_switch_rcs_off_for_stage0_only(tmp_path):
+    from confeti_fast.config import merge
+
+    cfg = tiny_config(tmp_path)
+    cfg = merge(cfg, {"stages": {"0": {"crop_size": [16, 16], "iters": 6}}})
+    plain = merge(cfg, {"cut": {"stage0_source_crops": "plain"}})
+    assert PairedSteps(cfg, stage=0, progress=False).rcs is not None  # the default: the segmentor's RCS
+    assert PairedSteps(plain, stage=0, progress=False).rcs is None
+    assert PairedSteps(plain, stage=1, progress=False).rcs is not None
+    uniform = PairedSteps(merge(cfg, {"rcs": {"enabled": False}}), stage=0, progress=False)
+    _assert_same(PairedSteps(plain, stage=0, progress=False)[3], uniform[3])

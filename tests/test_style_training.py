@@ -231,6 +231,13 @@ def test_d_ignore_bottom_hides_the_bottom_rows_from_d():
     assert torch.equal(style.judge(real), style.D(real[..., :24, :]))
 
 
+def test_d_ignore_bottom_as_tall_as_the_crop_is_a_one_line_error():
+    style = _style(d_ignore_bottom=32)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with pytest.raises(ConfetiError, match=r"cut.d_ignore_bottom = 32 .* 32-row crops"):
+        style.d_loss(x, x)
+
+
 def test_identity_l1_term_on_target_images():
     style = _style(identity_l1_weight=2.5)
     x_s, x_t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1

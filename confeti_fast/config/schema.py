@@ -196,6 +196,9 @@ def _validate_cut(cut, origin):
         raise ConfetiError(f"{origin}: cut.generator must be one of {CUT_GENERATORS}, got {cut.get('generator')!r}")
     if cut.get("d_layers", 3) not in (1, 2, 3):
         raise ConfetiError(f"{origin}: cut.d_layers must be 1, 2 or 3 (CUT: 3), got {cut.get('d_layers')!r}")
+    if cut.get("stage0_source_crops", "rcs") not in ("rcs", "plain"):
+        raise ConfetiError(f"{origin}: cut.stage0_source_crops must be 'rcs' or 'plain', "
+                           f"got {cut.get('stage0_source_crops')!r}")
     for key in ("d_ignore_bottom", "identity_l1_weight"):
         if cut.get(key, 0) < 0:
             raise ConfetiError(f"{origin}: cut.{key} must be >= 0, got {cut.get(key)!r}")

@@ -43,7 +43,9 @@ class PairedSteps(torch.utils.data.Dataset):
                        progress=progress, quiet=rank != 0)
         rcs = cfg["rcs"]
         self.rcs = None
-        if rcs["enabled"]:
+        # Stage 0 trains CUT alone, which need not see the segmentor's rare-class bias.
+        plain_cut_crops = stage == 0 and cfg["cut"].get("stage0_source_crops", "rcs") == "plain"
+        if rcs["enabled"] and not plain_cut_crops:
             self.rcs = RareClassSampler(class_counts(self.source, progress), rcs["temperature"],
                                         rcs["min_pixels"], rcs["min_crop_ratio"])
         self._permutations = {}
